@@ -1,0 +1,142 @@
+"""The one config object: Megatron-Core's TransformerConfig plus the model- and router-level fields.
+
+Megatron-Core splits model settings between TransformerConfig and GPTModel's constructor; keeping
+both (and our router options) in one dataclass lets a run be described, saved in a checkpoint and
+compared on resume as a single object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+ROUTER_TYPES = ("learned", "self", "random", "hash", "routing-free")
+
+
+@dataclass
+class SelfMoEConfig(TransformerConfig):
+    # --- model level (GPTModel constructor arguments) ---
+    vocab_size: int = 0
+    max_position_embeddings: int = 0
+    position_embedding_type: str = "learned_absolute"  # or "rope"
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    untie_embeddings_and_output_weights: bool = False
+    model_style: str = "gpt2"  # "gpt2" | "mixtral", informational: set by make_config
+
+    # --- router choice (None experts = dense baseline) ---
+    moe_router_type: str = "learned"
+
+    # Self-Routing: which hidden channels are the expert logits.
+    self_routing_subspace: Union[str, tuple] = "last"  # "last" | "first" | tuple of channel ids
+    self_routing_temperature: float = 1.0
+
+    # Random / hash routing.
+    random_router_seed: int = 1234
+    hash_router_seed: int = 1234
+    hash_router_by: str = "token"  # "token" (language) | "position" (vision)
+
+    # Routing-Free MoE.
+    routing_free_rank: int = 32
+    routing_free_theta: float = 1.0
+    routing_free_density_target: float = 0.25
+    routing_free_lambda0: float = 1e-10
+    routing_free_eta: float = 0.02
+    routing_free_mu: float = 0.5
+    routing_free_bias_init: float = 1e-6
+    routing_free_expert_type: str = "aoe"  # "aoe" (reuses the gate's A_i) | "mlp" (Megatron's)
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_router_options(self)
+
+
+def validate_router_options(c: SelfMoEConfig) -> None:
+    """One-line errors naming the offending option, before any model is built."""
+    if c.moe_router_type not in ROUTER_TYPES:
+        raise ValueError(f"moe_router_type must be one of {ROUTER_TYPES}, got {c.moe_router_type!r}")
+    E = c.num_moe_experts
+    if E is None:
+        return
+    if c.moe_router_type != "routing-free" and c.moe_router_topk > E:
+        raise ValueError(f"moe_router_topk ({c.moe_router_topk}) exceeds num_moe_experts ({E})")
+    if c.moe_router_type == "self":
+        if E > c.hidden_size:
+            raise ValueError(
+                f"self routing reads num_moe_experts ({E}) hidden channels but hidden_size is {c.hidden_size}"
+            )
+        sub = c.self_routing_subspace
+        if isinstance(sub, str):
+            if sub not in ("last", "first"):
+                raise ValueError(f"self_routing_subspace must be 'last', 'first' or a list of ids, got {sub!r}")
+        else:
+            ids = list(sub)
+            if len(ids) != E or len(set(ids)) != E or not all(0 <= i < c.hidden_size for i in ids):
+                raise ValueError(
+                    f"self_routing_subspace needs {E} distinct channel ids in [0, {c.hidden_size}), got {ids}"
+                )
+        if c.self_routing_temperature <= 0:
+            raise ValueError("self_routing_temperature must be > 0")
+    if c.moe_router_type == "hash" and c.hash_router_by not in ("token", "position"):
+        raise ValueError(f"hash_router_by must be 'token' or 'position', got {c.hash_router_by!r}")
+    if c.moe_router_type == "hash" and c.hash_router_by == "token" and c.vocab_size <= 0:
+        raise ValueError("hash routing by token id needs vocab_size")
+    if c.moe_router_type == "routing-free":
+        if not 0.0 <= c.routing_free_mu <= 1.0:
+            raise ValueError(f"routing_free_mu must be in [0, 1], got {c.routing_free_mu}")
+        if not 0.0 < c.routing_free_density_target <= 1.0:
+            raise ValueError(f"routing_free_density_target must be in (0, 1], got {c.routing_free_density_target}")
+        if c.routing_free_rank <= 0:
+            raise ValueError("routing_free_rank must be > 0")
+        if c.routing_free_expert_type not in ("aoe", "mlp"):
+            raise ValueError(f"routing_free_expert_type must be 'aoe' or 'mlp', got {c.routing_free_expert_type!r}")
+
+
+# GPT-2 style and Mixtral style presets: the fields that differ between the two families.
+STYLES = {
+    "gpt2": dict(
+        normalization="LayerNorm",
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        position_embedding_type="learned_absolute",
+        untie_embeddings_and_output_weights=False,
+    ),
+    "mixtral": dict(
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        position_embedding_type="rope",
+        untie_embeddings_and_output_weights=True,
+    ),
+}
+
+
+def make_config(style: str = "gpt2", **overrides) -> SelfMoEConfig:
+    """A SelfMoEConfig for a model family; explicit keyword arguments win over the preset."""
+    if style not in STYLES:
+        raise ValueError(f"unknown model style {style!r}; choose from {sorted(STYLES)}")
+    kwargs = dict(STYLES[style], model_style=style)
+    kwargs.setdefault("add_bias_linear", False)
+    kwargs.setdefault("hidden_dropout", 0.0)
+    kwargs.setdefault("attention_dropout", 0.0)
+    kwargs.update(overrides)
+    if "ffn_hidden_size" not in kwargs and "hidden_size" in kwargs:
+        kwargs["ffn_hidden_size"] = 4 * kwargs["hidden_size"]
+    if kwargs.get("max_position_embeddings", 0) <= 0 and "seq_length" in kwargs:
+        kwargs["max_position_embeddings"] = kwargs["seq_length"]
+    kwargs.pop("seq_length", None)
+    return SelfMoEConfig(**kwargs)
+
+
+def config_fingerprint(c: SelfMoEConfig) -> dict:
+    """The fields that must match for a checkpoint to load into a model (see training resume)."""
+    out = {}
+    for f in dataclasses.fields(c):
+        v = getattr(c, f.name)
+        if isinstance(v, (int, float, str, bool, type(None), tuple)):
+            out[f.name] = v
+    return out

@@ -1,0 +1,103 @@
+"""The model builder: a Megatron-Core GPTModel whose MoE layers use the configured router.
+
+Training scripts, tests and benchmarks all build models here, so there is one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from selfmoe import mcore_compat
+from selfmoe.config import SelfMoEConfig
+from selfmoe.routers import get_router_class
+
+
+def transformer_layer_spec(config: SelfMoEConfig) -> ModuleSpec:
+    """Megatron-Core's local (non-TE) GPT layer, with our router plugged into MoESubmodules."""
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=False,
+        normalization=config.normalization,
+    )
+    if not config.num_moe_experts:
+        return spec  # dense baseline
+    swap = dict(router=get_router_class(config.moe_router_type))
+    if config.moe_router_type == "routing-free":
+        from selfmoe.routers.routing_free import AoEExperts
+
+        if config.routing_free_expert_type == "aoe":
+            swap["experts"] = ModuleSpec(module=AoEExperts)
+    mlp = mcore_compat.replace_moe_submodules(spec.submodules.mlp, **swap)
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
+
+
+class SelfMoEGPTModel(GPTModel):
+    """GPTModel that hands the token ids to routers that need them (hash routing)."""
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+        for r in self._id_routers:
+            r.set_token_ids(input_ids)
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            for r in self._id_routers:
+                r.set_token_ids(None)
+
+    @property
+    def _id_routers(self):
+        if not hasattr(self, "_id_routers_cache"):
+            object.__setattr__(
+                self, "_id_routers_cache", [m for m in self.modules() if getattr(m, "needs_token_ids", False)]
+            )
+        return self._id_routers_cache
+
+
+def build_gpt_model(config: SelfMoEConfig, pre_process: bool | None = None, post_process: bool | None = None,
+                    vp_stage: int | None = None) -> SelfMoEGPTModel:
+    """Build the model for this rank's pipeline stage (all of it at pipeline size 1)."""
+    if config.vocab_size <= 0 or config.max_position_embeddings <= 0:
+        raise ValueError("config.vocab_size and config.max_position_embeddings must be set")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if config.vocab_size % tp:
+        raise ValueError(f"vocab_size ({config.vocab_size}) must be divisible by tensor parallel size ({tp}); pad it")
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    kwargs = dict(
+        config=config,
+        transformer_layer_spec=transformer_layer_spec(config),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
+        position_embedding_type=config.position_embedding_type,
+        rotary_percent=config.rotary_percent,
+        rotary_base=config.rotary_base,
+    )
+    if vp_stage is not None:
+        kwargs["vp_stage"] = vp_stage
+    model = SelfMoEGPTModel(**kwargs)
+    if config.num_moe_experts and config.moe_router_type == "routing-free":
+        from selfmoe.routers.routing_free import attach_aoe_gates
+
+        attach_aoe_gates(model)
+    return model
+
+
+def moe_layers(model):
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for c in chunks for m in c.modules() if isinstance(m, BaseMoELayer)]
+
+
+def routers(model) -> list[torch.nn.Module]:
+    return [layer.router for layer in moe_layers(model)]
