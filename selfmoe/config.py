@@ -48,6 +48,10 @@ class SelfMoEConfig(TransformerConfig):
     routing_free_eta: float = 0.02
     routing_free_mu: float = 0.5
     routing_free_bias_init: float = 1e-6
+    # Per-expert scale s_i on the gate norm. None: 2*theta / (init_method_std * sqrt(H*r)), so that
+    # s_i*||x A_i|| ~ 2*theta at init for a unit-RMS x and every expert fires at the start
+    # whatever the width (with s=1 a narrow model would start with no expert firing).
+    routing_free_scale_init: Optional[float] = None
     routing_free_expert_type: str = "aoe"  # "aoe" (reuses the gate's A_i) | "mlp" (Megatron's)
 
     def __post_init__(self):

@@ -11,7 +11,7 @@ import importlib
 
 # name -> (module, class, what it computes, source)
 ROUTERS = {
-    "learned": ("megatron.core.transformer.moe.router", "TopKRouter",
+    "learned": ("selfmoe.routers.learned", "LearnedRouter",
                 "softmax(x W_r^T), top-k; aux/z-loss, expert bias, capacity", "Megatron-Core TopKRouter"),
     "self": ("selfmoe.routers.self_routing", "SelfRouter",
              "softmax(x[S]) over a fixed E-channel subspace S of x, top-k", "Mohamud et al. 2026, arXiv 2604.00421"),

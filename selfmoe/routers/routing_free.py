@@ -46,7 +46,10 @@ class RoutingFreeRouter(MegatronModule):
         self.theta = float(config.routing_free_theta)
         self.mu = float(config.routing_free_mu)
         self.gate_proj = torch.nn.Parameter(torch.empty(E, H, r, dtype=config.params_dtype))
-        self.gate_scale = torch.nn.Parameter(torch.ones(E, dtype=torch.float32))
+        s0 = config.routing_free_scale_init
+        if s0 is None:
+            s0 = 2.0 * self.theta / (config.init_method_std * (H * r) ** 0.5)
+        self.gate_scale = torch.nn.Parameter(torch.full((E,), float(s0), dtype=torch.float32))
         self.gate_bias = torch.nn.Parameter(torch.full((E,), config.routing_free_bias_init, dtype=torch.float32))
         if config.perform_initialization:
             with tensor_parallel.get_cuda_rng_tracker().fork():

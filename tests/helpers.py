@@ -1,0 +1,48 @@
+"""Test helpers: tiny configs and an independent brute-force MoE reference."""
+
+import torch
+import torch.nn.functional as F
+
+from selfmoe.config import make_config
+
+
+def tiny_config(router="learned", style="gpt2", **kw):
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_moe_experts=4, moe_router_topk=2,
+                moe_ffn_hidden_size=48, ffn_hidden_size=64, vocab_size=64, seq_length=16,
+                moe_router_type=router, routing_free_rank=8)
+    base.update(kw)
+    return make_config(style, **base)
+
+
+def expert_fn(layer, e):
+    """x [T, H] -> expert e's output, computed from the raw weights (not the expert modules)."""
+    cfg = layer.config
+    experts = layer.experts
+    if hasattr(experts, "up_proj"):  # AoE form: (act(x A B) * (x W_up)) W_down
+        A = layer.router.gate_proj[e]
+        return lambda x: (cfg.activation_func(x @ A @ experts.gate_up[e]) * (x @ experts.up_proj[e].t())) @ experts.down_proj[e].t()
+    mlp = experts.local_experts[e]
+    w1, w2 = mlp.linear_fc1.weight, mlp.linear_fc2.weight
+    b1, b2 = mlp.linear_fc1.bias, mlp.linear_fc2.bias
+
+    def f(x):
+        h = x @ w1.t() + (b1 if b1 is not None else 0)
+        if cfg.gated_linear_unit:
+            a, b = h.chunk(2, dim=-1)
+            h = cfg.activation_func(a) * b
+        else:
+            h = cfg.activation_func(h)
+        return h @ w2.t() + (b2 if b2 is not None else 0)
+
+    return f
+
+
+def brute_force_moe(layer, hidden, probs, routing_map):
+    """sum_e probs[t, e] * expert_e(x_t) over the chosen experts, token by token order-free."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.zeros_like(x)
+    for e in range(routing_map.shape[1]):
+        rows = routing_map[:, e].nonzero().flatten()
+        if rows.numel():
+            out[rows] += probs[rows, e, None].to(x.dtype) * expert_fn(layer, e)(x[rows])
+    return out.reshape(hidden.shape)
