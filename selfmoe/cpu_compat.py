@@ -264,18 +264,30 @@ _REDIRECTS = (
 )
 
 
-def apply(force: bool = False) -> bool:
-    """Apply every redirect once. Returns True if applied now or before; False on a CUDA machine."""
+REDIRECT_NAMES = tuple(name for name, _ in _REDIRECTS) + ("cuda_device_mode",)
+DISABLE_ENV = "SELFMOE_CPU_COMPAT"  # "0": `import selfmoe` does not apply the layer
+
+
+def apply(force: bool = False, skip: tuple = ()) -> bool:
+    """Apply every redirect once. Returns True if applied now or before; False on a CUDA machine.
+
+    `skip` leaves named redirects out (to see what breaks without one; tests use it).
+    """
     global _mode
     if _applied:
         return True
     if not (force or cuda_absent()):
         return False
+    unknown = set(skip) - set(REDIRECT_NAMES)
+    if unknown:
+        raise ValueError(f"unknown redirect(s) {sorted(unknown)}; known: {REDIRECT_NAMES}")
     check_mcore_version()
     for name, patch in _REDIRECTS:
-        patch()
-        _applied.append(name)
-    _mode = CudaToCpuMode()
-    _mode.__enter__()  # stays on for the life of the process (this thread: the training loop's)
-    _applied.append("cuda_device_mode")
+        if name not in skip:
+            patch()
+            _applied.append(name)
+    if "cuda_device_mode" not in skip:
+        _mode = CudaToCpuMode()
+        _mode.__enter__()  # stays on for the life of the process (this thread: the training loop's)
+        _applied.append("cuda_device_mode")
     return True
