@@ -121,7 +121,9 @@ def _patch_rng_tracker():
 
 
 # --------------------------------------------------------------------------------------------
-# 2. torch.cuda.current_device() -> index 0 (the mode maps it to CPU where used as a device);
+# 2. torch.cuda.current_device() -> the CPU device. Megatron passes it as `device=` almost
+#    everywhere, also inside autograd backward functions, where the function mode above is not
+#    active (the autograd engine does not carry it over), so it must be a CPU device itself;
 # 4. streams/events/synchronize used by the alltoall dispatcher -> no-op stand-ins.
 # --------------------------------------------------------------------------------------------
 class _NoopStream:
@@ -159,7 +161,7 @@ _NOOP_STREAM = _NoopStream()
 
 
 def _patch_torch_cuda():
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.Stream = _NoopStream
     torch.cuda.Event = _NoopEvent
     torch.cuda.current_stream = lambda *a, **k: _NOOP_STREAM
@@ -254,6 +256,39 @@ def _patch_missing_te_names():
             setattr(moe_utils, name, None)
 
 
+# --------------------------------------------------------------------------------------------
+# 9. uneven sequence-parallel collectives (alltoall dispatcher with expert TP > 1): gloo's
+#    all_gather needs equal sizes and it has no list reduce_scatter. Pad-and-gather / all-reduce
+#    and slice give the same numbers.
+# --------------------------------------------------------------------------------------------
+def _patch_uneven_collectives():
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1 or dist.get_backend(group) != "gloo":
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        width = max(output_split_sizes)
+        padded = input_.new_zeros((width, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((width * group.size(), *input_.shape[1:]))
+        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([out[r * width : r * width + n] for r, n in enumerate(output_split_sizes)])
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1 or dist.get_backend(group) != "gloo":
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        dist.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start : start + input_split_sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
 _REDIRECTS = (
     ("rng_tracker", _patch_rng_tracker),
     ("torch_cuda", _patch_torch_cuda),
@@ -261,6 +296,7 @@ _REDIRECTS = (
     ("alltoall_split_sizes", _patch_split_sizes),
     ("sp_norm", _patch_sp_norm),
     ("missing_te_names", _patch_missing_te_names),
+    ("uneven_sp_collectives", _patch_uneven_collectives),
 )
 
 

@@ -40,7 +40,7 @@ def spot_torch_cuda():
     with torch.cuda.stream(s):
         s.wait_stream(torch.cuda.current_stream())
     torch.cuda.synchronize()
-    assert idx == 0
+    assert torch.empty(1, device=idx).device.type == "cpu"
 
 
 def spot_cuda_device_mode():
@@ -80,6 +80,43 @@ def spot_missing_te_names():
 
     x, w = torch.randn(5, 8), torch.randn(3, 8)
     torch.testing.assert_close(router_gating_linear(x, w, None, torch.float32), x @ w.t())
+
+
+def _uneven_worker(rank, port, skip, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from selfmoe import cpu_compat as cc
+
+    cc.apply(skip=tuple(skip))
+    from megatron.core.tensor_parallel import mappings
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    sizes = [3, 5]
+    x = torch.full((sizes[rank], 2), float(rank + 1), requires_grad=True)
+    try:
+        y = mappings.gather_from_sequence_parallel_region(x, group=dist.group.WORLD, output_split_sizes=sizes)
+        ok = torch.equal(y.detach(), torch.cat([torch.full((3, 2), 1.0), torch.full((5, 2), 2.0)]))
+        (y * torch.arange(8.0)[:, None]).sum().backward()  # backward = uneven reduce-scatter
+        want = torch.arange(8.0)[:3] if rank == 0 else torch.arange(8.0)[3:]
+        ok = ok and torch.equal(x.grad, 2 * want[:, None].expand(-1, 2))
+    except Exception as e:  # noqa: BLE001
+        ok = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"{rank}"), "w") as f:
+        f.write(str(ok))
+
+
+def spot_uneven_sp_collectives():
+    import tempfile
+
+    import torch.multiprocessing as tmp_mp
+    from conftest import free_port
+
+    skip = [n for n in cpu_compat.REDIRECT_NAMES if n not in cpu_compat.applied_redirects()]
+    with tempfile.TemporaryDirectory() as d:
+        tmp_mp.spawn(_uneven_worker, args=(free_port(), skip, d), nprocs=2, join=True)
+        results = [open(os.path.join(d, str(r))).read() for r in range(2)]
+    assert results == ["True", "True"], results
 
 
 SPOTS = {name[len("spot_"):]: fn for name, fn in globals().items() if name.startswith("spot_")}
