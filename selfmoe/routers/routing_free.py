@@ -78,7 +78,9 @@ class RoutingFreeRouter(MegatronModule):
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """G [T, E] for tokens x [T, H]."""
-        z = torch.einsum("th,ehr->ter", x.float(), self.gate_proj.float())
+        E, H, r = self.gate_proj.shape
+        # one [T, H] x [H, E*r] GEMM for all experts' low-rank projections
+        z = (x.float() @ self.gate_proj.float().permute(1, 0, 2).reshape(H, E * r)).view(-1, E, r)
         return torch.relu(self.gate_scale * torch.linalg.vector_norm(z, dim=-1) - self.gate_bias)
 
     def forward(self, input: torch.Tensor, padding_mask=None):
