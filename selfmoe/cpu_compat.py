@@ -300,6 +300,14 @@ _REDIRECTS = (
 )
 
 
+def configure_deepspeed_cpu() -> None:
+    """DeepSpeed on CPU: skip JIT-building its shared-memory all-reduce op (~50 s of g++ per fresh
+    machine); collectives then go through gloo, with the same numbers."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 REDIRECT_NAMES = tuple(name for name, _ in _REDIRECTS) + ("cuda_device_mode",)
 DISABLE_ENV = "SELFMOE_CPU_COMPAT"  # "0": `import selfmoe` does not apply the layer
 

@@ -144,7 +144,8 @@ class AoEExperts(MegatronModule):
                 config.init_method(self.gate_up)
                 config.output_layer_init_method(self.down_proj)
         for p, dim in ((self.up_proj, 1), (self.gate_up, 2), (self.down_proj, 2)):
-            p.allreduce = False  # expert parameter: grads reduced over the expert-data-parallel group
+            # As Megatron marks expert weights: with EP>1 grads are reduced over the expert-DP group.
+            p.allreduce = self.ep_group.size() == 1
             p.tensor_model_parallel = etp > 1
             p.partition_dim = dim
         self.activation_func = config.activation_func
