@@ -114,11 +114,30 @@ def load_config(path_or_dict) -> dict:
         raise ValueError(f"--deepspeed-config {path_or_dict}: line {e.lineno}: {e.msg}") from None
 
 
-def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler=None):
+def resolve_auto(cfg: dict, micro_batch_size=None, grad_accum=None, bf16=None) -> dict:
+    """Fill DeepSpeed config values written as "auto" (the HF convention) from the Megatron flags."""
+    cfg = json.loads(json.dumps(cfg))
+    fills = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum}
+    for key, value in fills.items():
+        if cfg.get(key) == "auto":
+            if value is None:
+                raise ValueError(f"DeepSpeed config: {key} is 'auto' but no value was given")
+            cfg[key] = value
+    if cfg.get("train_batch_size") == "auto":
+        del cfg["train_batch_size"]  # DeepSpeed derives it from micro batch x accumulation x DP
+    for sec in ("bf16", "fp16"):
+        if isinstance(cfg.get(sec), dict) and cfg[sec].get("enabled") == "auto":
+            cfg[sec]["enabled"] = bool(bf16) if sec == "bf16" else False
+    return cfg
+
+
+def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler=None, optimizer=None,
+               micro_batch_size=None, grad_accum=None, bf16=None):
     """Wrap `model` (one Megatron-Core model chunk, PP=1) in a DeepSpeed engine.
 
-    Returns (engine, optimizer). The data-parallel size, micro batch and accumulation come from
-    the DeepSpeed config, as DeepSpeed users expect; so does the weight decay unless given.
+    Returns (engine, optimizer). The micro batch and accumulation come from the DeepSpeed config
+    ("auto" = from the Megatron flags passed here). The optimizer is the config's "optimizer"
+    section if there is one, else `optimizer(param_groups)` built by the caller from its flags.
     """
     import deepspeed
 
@@ -130,7 +149,7 @@ def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler
         # its own deepspeed.moe.layer.MoE class; Megatron-Core's MoELayer is not one.
         raise ValueError("--deepspeed with --expert-model-parallel-size > 1 is not supported yet; "
                          "use EP=1 with ZeRO, or EP>1 without --deepspeed")
-    cfg = load_config(ds_config)
+    cfg = resolve_auto(load_config(ds_config), micro_batch_size, grad_accum, bf16)
     from selfmoe import cpu_compat
 
     if cpu_compat.is_applied():
@@ -139,8 +158,14 @@ def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler
         weight_decay = cfg.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     register_expert_groups()
     mark_expert_params(model)
+    groups = param_groups(model, weight_decay)
+    client_opt = None
+    if "optimizer" not in cfg:
+        if optimizer is None:
+            raise ValueError("DeepSpeed config has no \"optimizer\" section and no optimizer was given")
+        client_opt = optimizer(groups)
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, weight_decay), config=cfg,
+        model=model, model_parameters=groups, optimizer=client_opt, config=cfg,
         mpu=MegatronMPU(), lr_scheduler=lr_scheduler, dist_init_required=False,
     )
     return engine, optimizer
