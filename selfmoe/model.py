@@ -86,9 +86,9 @@ def build_gpt_model(config: SelfMoEConfig, pre_process: bool | None = None, post
         kwargs["vp_stage"] = vp_stage
     model = SelfMoEGPTModel(**kwargs)
     if config.num_moe_experts and config.moe_router_type == "routing-free":
-        from selfmoe.routers.routing_free import attach_aoe_gates
+        from selfmoe.routers.routing_free import prepare_layers
 
-        attach_aoe_gates(model)
+        prepare_layers(model)
     return model
 
 

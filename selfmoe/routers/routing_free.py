@@ -183,13 +183,35 @@ class AoEExperts(MegatronModule):
         return out
 
 
-def attach_aoe_gates(model) -> None:
-    """Give every AoE expert block its layer's router (call once after building the model)."""
+def prepare_layers(model) -> None:
+    """Once after building: give AoE experts their layer's router; size alltoall outputs by the map.
+
+    Megatron's alltoall dispatcher sizes its permutation output as tokens x top-k, right for
+    top-k routers only; permutes that honour that size (TransformerEngine's fused permute, the
+    torch permute of megatron-core >= 0.19) would drop tokens here, where a token may use 0..E
+    experts. The count of routed pairs is the right size on every version.
+    """
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
     from selfmoe.model import moe_layers
 
     for layer in moe_layers(model):
         if isinstance(layer.experts, AoEExperts):
             layer.experts.attach_gate(layer.router, layer.local_expert_indices)
+        dispatcher = layer.token_dispatcher
+        if isinstance(dispatcher, MoEAlltoAllTokenDispatcher) and not getattr(dispatcher, "_variable_k", False):
+            dispatcher.preprocess = _variable_k_preprocess(dispatcher, dispatcher.preprocess)
+            dispatcher._variable_k = True
+
+
+def _variable_k_preprocess(dispatcher, original):
+    def preprocess(routing_map, *args, **kwargs):
+        out = original(routing_map, *args, **kwargs)
+        if not dispatcher.drop_and_pad:
+            dispatcher.num_out_tokens = int(routing_map.sum())
+        return out
+
+    return preprocess
 
 
 def routing_free_routers(model) -> list[RoutingFreeRouter]:
