@@ -1,0 +1,60 @@
+"""Pretrain a (Mixture-of-Experts) GPT with Megatron-Core: Megatron-LM's flags, selfmoe's routers.
+
+    python pretrain_gpt.py                       # demo: Self-Routing MoE GPT on bundled Shakespeare
+    python pretrain_gpt.py --moe-router-type routing-free --train-iters 100
+    torchrun --nproc-per-node 2 pretrain_gpt.py --expert-model-parallel-size 2
+    bash examples/<a Megatron-LM launch script, paths changed>
+
+Everything lives in selfmoe.training; this file only wires the GPT pieces into the shared loop.
+Imports happen inside main(): dist_checkpointing starts a helper with multiprocessing "spawn",
+which re-imports this file, and that should not cost a second megatron-core import.
+"""
+
+import os
+import sys
+import warnings
+
+# megatron-core warns about missing TransformerEngine/Apex on every CPU import; on a CPU box that
+# is expected, and it would bury the one-line errors this script promises.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="Apex is not installed")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+warnings.filterwarnings("ignore", category=FutureWarning)  # torch/megatron deprecations inside checkpoint I/O
+
+
+def demo_paths(args):
+    """The demo writes ./runs/<name> and ./checkpoints/<name> unless told otherwise."""
+    if not args.demo:
+        return
+    name = args.run_name or (f"gpt-{args.moe_router_type}-{args.num_experts}e" if args.num_experts else "gpt-dense")
+    if args.tensorboard_dir is None:
+        args.tensorboard_dir = os.path.join("runs", name)
+    if args.save is None:
+        args.save = os.path.join("checkpoints", name)
+
+
+def main(argv=None):
+    from selfmoe.training.arguments import DEMO_DEFAULTS, ArgumentError, args_to_config, fail, parse_args
+
+    args = parse_args(argv, demo_defaults=DEMO_DEFAULTS)
+    demo_paths(args)
+    try:
+        config = args_to_config(args)
+    except ArgumentError as e:
+        fail(str(e))
+    from selfmoe.training import gpt
+    from selfmoe.training.checkpointing import CheckpointError
+    from selfmoe.training.trainer import TrainingDiverged, pretrain
+
+    try:
+        pretrain(args, config, gpt.model_provider, gpt.forward_step, gpt.datasets_provider)
+    except CheckpointError as e:
+        fail(str(e))
+    except TrainingDiverged as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer processes re-import __main__
+    main()

@@ -1,0 +1,624 @@
+"""Command-line arguments: Megatron-LM's flag names and semantics, plus selfmoe's router flags.
+
+A Megatron-LM GPT/MoE launch script should run here with only its paths changed, so:
+- flags keep Megatron-LM's names, defaults and derived values (ffn size, kv channels, global
+  batch, padded vocab, split, blend);
+- GPU-only performance flags are accepted and listed once as ignored, never rejected;
+- every configuration error is found before any model is built and reported as one line,
+  `error: ...` naming the flag, with exit code 2 (argparse's own convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+# GPU-only (or not-implemented logging) flags from Megatron-LM launch scripts: accepted, no effect
+# here. name -> nargs (0: a switch, None: one value, "*": any number of values).
+IGNORED_FLAGS = {
+    "--use-mcore-models": 0, "--use-legacy-models": 0, "--use-flash-attn": 0,
+    "--transformer-impl": None, "--attention-backend": None, "--moe-grouped-gemm": 0,
+    "--moe-use-legacy-grouped-gemm": 0, "--moe-permute-fusion": 0, "--moe-router-fusion": 0,
+    "--overlap-grad-reduce": 0, "--overlap-param-gather": 0, "--align-param-gather": 0,
+    "--overlap-param-gather-with-optimizer-step": 0, "--use-distributed-optimizer": 0,
+    "--bias-gelu-fusion": 0, "--no-bias-gelu-fusion": 0, "--no-bias-swiglu-fusion": 0,
+    "--no-bias-dropout-fusion": 0, "--no-rope-fusion": 0, "--no-persist-layer-norm": 0,
+    "--attention-softmax-in-fp32": 0, "--no-masked-softmax-fusion": 0,
+    "--recompute-activations": 0, "--recompute-granularity": None, "--recompute-method": None,
+    "--recompute-num-layers": None, "--recompute-modules": "*", "--distribute-saved-activations": 0,
+    "--distributed-backend": None, "--accumulate-allreduce-grads-in-fp32": 0,
+    "--no-gradient-accumulation-fusion": 0, "--use-torch-fsdp2": 0, "--use-megatron-fsdp": 0,
+    "--tp-comm-overlap": 0, "--cross-entropy-loss-fusion": 0, "--cross-entropy-fusion-impl": None,
+    "--manual-gc": 0, "--manual-gc-interval": None, "--empty-unused-memory-level": None,
+    "--use-cpu-initialization": 0, "--async-save": 0, "--ckpt-fully-parallel-save": 0,
+    "--ckpt-fully-parallel-load": 0, "--ckpt-assume-constant-structure": 0, "--use-dist-ckpt": 0,
+    "--auto-detect-ckpt-format": 0, "--no-async-tensor-model-parallel-allreduce": 0,
+    "--overlap-p2p-communication": 0, "--ddp-bucket-size": None, "--ddp-average-in-collective": 0,
+    "--num-workers": None, "--dataloader-type": None, "--no-mmap-bin-files": 0,
+    "--fp8-format": None, "--fp8-recipe": None, "--fp8-param-gather": 0, "--fp8-amax-history-len": None,
+    "--fp8-amax-compute-algo": None, "--no-check-for-nan-in-loss-and-grad": 0,
+    "--check-for-nan-in-loss-and-grad": 0, "--log-throughput": 0, "--log-timers-to-tensorboard": 0,
+    "--log-validation-ppl-to-tensorboard": 0, "--log-memory-to-tensorboard": 0,
+    "--log-num-zeros-in-grad": 0, "--log-params-norm": 0, "--log-world-size-to-tensorboard": 0,
+    "--log-loss-scale-to-tensorboard": 0, "--timing-log-level": None, "--timing-log-option": None,
+    "--wandb-project": None, "--wandb-exp-name": None, "--wandb-save-dir": None, "--wandb-entity": None,
+    "--moe-per-layer-logging": 0, "--local-rank": None, "--local_rank": None,
+    "--exit-on-missing-checkpoint": 0,
+}
+
+ROUTER_TYPES = ("learned", "self", "random", "hash", "routing-free")
+TOKENIZER_ALIASES = {"Llama2Tokenizer": "SentencePieceTokenizer", "GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
+LEGACY_DEFAULT_SPLIT = "969, 30, 1"  # what Megatron-LM uses when --data-path comes without --split
+
+# `python pretrain_gpt.py` with no model flags: a small Self-Routing MoE GPT that trains on the
+# bundled Shakespeare corpus in a few minutes on 2 CPU cores. Any flag given still wins.
+DEMO_DEFAULTS = dict(
+    num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=128, max_position_embeddings=128,
+    num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=256, ffn_hidden_size=256,
+    micro_batch_size=8, train_iters=300, lr=2e-3, min_lr=2e-4,
+    lr_decay_style="cosine", lr_warmup_fraction=0.1, weight_decay=0.1, adam_beta2=0.95,
+    hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False, init_method_std=0.02,
+    log_interval=25, eval_interval=100, eval_iters=4, tokenizer_type="GPT2BPETokenizer",
+)
+
+
+class ArgumentError(ValueError):
+    """A bad flag or flag combination; str() is the one-line message (without `error: `)."""
+
+
+class _IgnoredFlag(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        ignored = getattr(namespace, "ignored_flags", None) or []
+        if option_string not in ignored:
+            ignored.append(option_string)
+        namespace.ignored_flags = ignored
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line and exit with 2 like ours."""
+
+    def error(self, message):
+        fail(message)
+
+
+def fail(message: str):
+    """Print `error: message` (once, from rank 0) and exit with argparse's usage-error code 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
+    p = _Parser(description="selfmoe pretraining (Megatron-LM flags)", allow_abbrev=False)
+
+    g = p.add_argument_group("network size")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int, help="default 4*hidden (swiglu: 2/3 of that, multiple of 64)")
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--kv-channels", type=int, help="default hidden/heads")
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int, help="default: --seq-length")
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default="learned_absolute")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true", help="legacy: same as rope")
+    g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
+    g.add_argument("--add-qkv-bias", action="store_true")
+    g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("regularization and optimizer")
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int)
+    g.add_argument("--global-batch-size", type=int, help="default micro * data-parallel size")
+    g.add_argument("--rampup-batch-size", nargs=3)
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"), default="linear")
+    g.add_argument("--lr-decay-iters", type=int, help="default --train-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true")
+
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float)
+    g.add_argument("--initial-loss-scale", type=float, default=2**32)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, help="default --tensor-model-parallel-size")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+    g = p.add_argument_group("validation, logging, checkpoints")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--exit-interval", type=int, help="stop (after saving, with --save) when iteration %% N == 0")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load weights only; iteration restarts at 0")
+    g.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    g.add_argument("--run-name", help="names ./runs/<name> and ./checkpoints/<name> in the demo")
+
+    g = p.add_argument_group("data and tokenizer")
+    g.add_argument("--data-path", nargs="*", help='"prefix" or "w1 prefix1 w2 prefix2 ..."')
+    g.add_argument("--train-data-path", nargs="*")
+    g.add_argument("--valid-data-path", nargs="*")
+    g.add_argument("--test-data-path", nargs="*")
+    g.add_argument("--split", help='train,valid,test weights, e.g. "969,30,1"')
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--data-cache-path")
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--tokenizer-type")
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--vocab-file")
+    g.add_argument("--merge-file")
+    g.add_argument("--vocab-size", type=int, help="NullTokenizer: ids 0..N-1 (+ eod)")
+
+    g = p.add_argument_group("mixture of experts (Megatron-Core)")
+    g.add_argument("--num-experts", type=int, help="none: dense baseline")
+    g.add_argument("--moe-ffn-hidden-size", type=int, help="default --ffn-hidden-size")
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-router-load-balancing-type", choices=("aux_loss", "seq_aux_loss", "sinkhorn", "none"),
+                   default="aux_loss")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float)
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--moe-router-score-function", choices=("softmax", "sigmoid"), default="softmax")
+    g.add_argument("--moe-router-pre-softmax", action="store_true")
+    g.add_argument("--moe-router-topk-scaling-factor", type=float)
+    g.add_argument("--moe-router-dtype", choices=("fp32", "fp64"))
+    g.add_argument("--moe-token-dispatcher-type", choices=("allgather", "alltoall", "flex"), default="allgather")
+    g.add_argument("--moe-expert-capacity-factor", type=float)
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
+    g.add_argument("--moe-token-drop-policy", choices=("probs", "position"), default="probs")
+    g.add_argument("--moe-input-jitter-eps", type=float)
+    g.add_argument("--moe-layer-freq", default="1")
+
+    g = p.add_argument_group("routers (selfmoe)")
+    g.add_argument("--moe-router-type", choices=ROUTER_TYPES, default="self")
+    g.add_argument("--self-routing-subspace", default="last", help="last | first | comma-separated channel ids")
+    g.add_argument("--self-routing-temperature", type=float, default=1.0)
+    g.add_argument("--routing-free-rank", type=int, default=32)
+    g.add_argument("--routing-free-theta", type=float, default=1.0)
+    g.add_argument("--routing-free-density-target", type=float, default=0.25)
+    g.add_argument("--routing-free-lambda0", type=float, default=1e-10)
+    g.add_argument("--routing-free-eta", type=float, default=0.02)
+    g.add_argument("--routing-free-mu", type=float, default=0.5)
+    g.add_argument("--routing-free-expert-type", choices=("aoe", "mlp"), default="aoe")
+
+    g = p.add_argument_group("accepted for launch-script compatibility, no effect on CPU")
+    for flag, nargs in IGNORED_FLAGS.items():
+        kw = {"nargs": 0} if nargs == 0 else ({"nargs": nargs} if nargs else {})
+        g.add_argument(flag, action=_IgnoredFlag, dest=f"_ignored_{flag.strip('-').replace('-', '_')}",
+                       help=argparse.SUPPRESS, **kw)
+
+    if extra_args_provider is not None:
+        p = extra_args_provider(p) or p
+    return p
+
+
+def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None, world_size: int | None = None,
+               demo_defaults: dict | None = None):
+    """Parse and validate; on a bad configuration print one `error:` line and exit with 2.
+
+    `demo_defaults` become the defaults (explicit flags still win) when no model is described
+    (no --num-layers); `defaults` fill values left unset, like Megatron-LM's args_defaults.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(extra_args_provider)
+    demo = demo_defaults is not None and not any(a == "--num-layers" or a.startswith("--num-layers=") for a in argv)
+    if demo:
+        parser.set_defaults(**demo_defaults)
+    args = parser.parse_args(argv)
+    if demo and any(a.split("=")[0] == "--lr-warmup-iters" for a in argv):
+        args.lr_warmup_fraction = None  # an explicit warmup replaces the demo's warmup fraction
+    args.demo = demo
+    args.ignored_flags = getattr(args, "ignored_flags", None) or []
+    args.notes = []  # adjustments validation made, printed once at start
+    for k, v in (defaults or {}).items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    try:
+        validate_args(args, world_size)
+    except ArgumentError as e:
+        fail(str(e))
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# derived values, with Megatron-LM's semantics
+
+def padded_vocab_size(orig_vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Pad the vocabulary so the embedding splits evenly over TP ranks (Megatron-LM's rule)."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return int(math.ceil(orig_vocab_size / multiple) * multiple)
+
+
+def parse_blend(tokens):
+    """Megatron blend syntax -> (prefixes, weights or None) via megatron-core's own parser."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    return get_blend_from_list(list(tokens)) if tokens else None
+
+
+def parse_split(split: str) -> list[float]:
+    """"969,30,1" -> normalized [train, valid, test] weights (megatron-core's parser)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    return parse_and_normalize_split(split)
+
+
+def train_valid_test_num_samples(args) -> list[int]:
+    """Samples each split must provide (Megatron-LM: eval runs at every interval plus once at the end)."""
+    train = args.train_iters * args.global_batch_size
+    evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters
+    return [train, evals * args.global_batch_size, args.eval_iters * args.global_batch_size]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _world_size(world_size):
+    return int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: all errors before any model is built
+
+def _require(args, *names):
+    for n in names:
+        if getattr(args, n) is None:
+            raise ArgumentError(f"--{n.replace('_', '-')} is required")
+
+
+def _positive(args, *names):
+    for n in names:
+        v = getattr(args, n)
+        if v is not None and v <= 0:
+            raise ArgumentError(f"--{n.replace('_', '-')} must be > 0, got {v}")
+
+
+def validate_args(args, world_size: int | None = None) -> None:
+    """Check flags and fill derived values in place (Megatron-LM's validate_args, our subset)."""
+    args.world_size = ws = _world_size(world_size)
+    if not hasattr(args, "notes"):
+        args.notes = []
+    if not hasattr(args, "ignored_flags") or args.ignored_flags is None:
+        args.ignored_flags = []
+    _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+             "train_iters", "lr")
+    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+              "global_batch_size", "train_iters", "eval_interval", "log_interval", "save_interval", "exit_interval",
+              "tensorboard_log_interval", "num_experts", "moe_router_topk", "tensor_model_parallel_size",
+              "pipeline_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
+              "make_vocab_size_divisible_by", "num_query_groups", "ffn_hidden_size", "moe_ffn_hidden_size")
+    if args.eval_iters < 0:
+        raise ArgumentError(f"--eval-iters must be >= 0, got {args.eval_iters}")
+
+    # model shape
+    if args.use_rotary_position_embeddings:
+        args.position_embedding_type = "rope"
+    if not args.add_position_embedding and args.position_embedding_type != "rope":
+        raise ArgumentError("--no-position-embedding needs --position-embedding-type rope")
+    if args.kv_channels is None:
+        if args.hidden_size % args.num_attention_heads:
+            raise ArgumentError(f"--hidden-size {args.hidden_size} is not divisible by "
+                                f"--num-attention-heads {args.num_attention_heads}")
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.group_query_attention and args.num_attention_heads % args.num_query_groups:
+        raise ArgumentError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                            f"--num-query-groups {args.num_query_groups}")
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = int(4 * args.hidden_size * 2 / 3 / 64) * 64 if args.swiglu else 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.max_position_embeddings < args.seq_length:
+        raise ArgumentError(f"--max-position-embeddings {args.max_position_embeddings} is smaller than "
+                            f"--seq-length {args.seq_length}")
+
+    # parallelism
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if cp != 1:
+        raise ArgumentError("--context-parallel-size > 1 needs TransformerEngine (GPU); not available on CPU")
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        raise ArgumentError("--num-layers-per-virtual-pipeline-stage (interleaved pipeline) is not supported")
+    if ws % (tp * pp):
+        raise ArgumentError(f"world size {ws} is not divisible by --tensor-model-parallel-size {tp} x "
+                            f"--pipeline-model-parallel-size {pp}")
+    args.data_parallel_size = ws // (tp * pp)
+    if args.num_layers % pp:
+        raise ArgumentError(f"--num-layers {args.num_layers} is not divisible by "
+                            f"--pipeline-model-parallel-size {pp}")
+    if tp == 1:
+        args.sequence_parallel = False  # Megatron-LM: SP means nothing without TP
+    if args.expert_tensor_parallel_size is None:
+        args.expert_tensor_parallel_size = tp
+
+    # mixture of experts
+    if args.num_experts == 0:
+        args.num_experts = None
+    E, k, ep, etp = args.num_experts, args.moe_router_topk, args.expert_model_parallel_size, args.expert_tensor_parallel_size
+    if E is None:
+        if ep > 1:
+            raise ArgumentError("--expert-model-parallel-size > 1 needs --num-experts")
+    else:
+        if args.moe_ffn_hidden_size is None:
+            args.moe_ffn_hidden_size = args.ffn_hidden_size
+        if args.moe_router_type != "routing-free" and k > E:
+            raise ArgumentError(f"--moe-router-topk {k} exceeds --num-experts {E}")
+        if args.moe_router_type == "self" and E > args.hidden_size:
+            raise ArgumentError(f"--num-experts {E} exceeds --hidden-size {args.hidden_size}: self routing reads "
+                                f"one hidden channel per expert (--moe-router-type self)")
+        if E % ep:
+            raise ArgumentError(f"--num-experts {E} is not divisible by --expert-model-parallel-size {ep}")
+        if (ws // pp) % (ep * etp):
+            raise ArgumentError(f"world size / pipeline size ({ws // pp}) is not divisible by "
+                                f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp}")
+        if tp > 1 and not args.sequence_parallel:
+            raise ArgumentError("--tensor-model-parallel-size > 1 with --num-experts needs --sequence-parallel")
+        megatron_experts = not (args.moe_router_type == "routing-free" and args.routing_free_expert_type == "aoe")
+        if args.add_bias_linear and megatron_experts:
+            # megatron-core 0.16's local (non-TransformerEngine) expert MLP adds the bias in place onto
+            # a custom autograd function's output, which torch refuses. MoE launch scripts usually
+            # pass --disable-bias-linear; for those that don't, do it and say so.
+            args.add_bias_linear = False
+            args.notes.append("--num-experts without TransformerEngine: linear biases disabled, as with "
+                              "--disable-bias-linear (megatron-core's local MoE experts cannot train with them)")
+        if args.moe_token_dispatcher_type == "flex":
+            raise ArgumentError("--moe-token-dispatcher-type flex needs DeepEP (CUDA); use allgather or alltoall")
+        if str(args.moe_layer_freq) != "1":
+            raise ArgumentError("--moe-layer-freq: only 1 (every layer is an MoE layer) is supported")
+        args.self_routing_subspace = _parse_subspace(args.self_routing_subspace)
+
+    # batch sizes
+    mbs, dp = args.micro_batch_size, args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = mbs * dp
+    if args.global_batch_size % (mbs * dp):
+        raise ArgumentError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                            f"--micro-batch-size {mbs} x data-parallel size {dp}")
+    if args.rampup_batch_size is not None:
+        raise ArgumentError("--rampup-batch-size: batch-size rampup is not supported with --train-iters "
+                            "(Megatron-LM refuses it too)")
+
+    # learning rate schedule
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
+        raise ArgumentError("give only one of --lr-warmup-fraction and --lr-warmup-iters")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    warmup = args.lr_warmup_fraction * args.lr_decay_iters if args.lr_warmup_fraction is not None else args.lr_warmup_iters
+    if warmup >= args.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters ({warmup:g}) must be smaller than --lr-decay-iters "
+                            f"({args.lr_decay_iters})")
+
+    # precision
+    if args.fp16 and args.bf16:
+        raise ArgumentError("--fp16 and --bf16 are mutually exclusive")
+    if (args.fp16 or args.bf16) and not _cuda_available():
+        # Megatron-Core's mixed-precision optimizer only accepts torch.cuda tensors: on CPU the run
+        # trains in fp32 and the flag is reported with the other GPU-only flags.
+        args.ignored_flags.append("--fp16" if args.fp16 else "--bf16")
+        args.fp16 = args.bf16 = False
+
+    # checkpoints
+    if args.load is not None and os.path.exists(args.load) and not os.path.isdir(args.load):
+        raise ArgumentError(f"--load {args.load} is not a directory")
+
+    _validate_data(args)
+    args_to_config(args)  # the config's own checks (router options), still before any model exists
+
+
+def _parse_subspace(spec):
+    if isinstance(spec, (tuple, list)) or spec in ("last", "first"):
+        return tuple(spec) if isinstance(spec, list) else spec
+    try:
+        return tuple(int(x) for x in str(spec).split(",") if x.strip())
+    except ValueError:
+        raise ArgumentError(f"--self-routing-subspace must be last, first or comma-separated ids, got {spec!r}")
+
+
+def _validate_data(args):
+    if args.tokenizer_type is None and args.vocab_file and args.merge_file:
+        args.tokenizer_type = "GPT2BPETokenizer"  # what a vocab + merge file pair means
+    args.tokenizer_type = TOKENIZER_ALIASES.get(args.tokenizer_type, args.tokenizer_type)
+    per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
+    if args.mock_data and (args.data_path or any(per_split)):
+        raise ArgumentError("--mock-data and --data-path are mutually exclusive")
+    if args.data_path and any(per_split):
+        raise ArgumentError("--data-path and --train/valid/test-data-path are mutually exclusive")
+    args.use_demo_corpus = not (args.mock_data or args.data_path or any(per_split))
+    if args.use_demo_corpus and args.tokenizer_type is None:
+        args.tokenizer_type = "GPT2BPETokenizer"  # the demo corpus is GPT-2 tokenized
+    if args.use_demo_corpus and args.tokenizer_type != "GPT2BPETokenizer":
+        raise ArgumentError(f"--tokenizer-type {args.tokenizer_type}: the bundled demo corpus is GPT-2 "
+                            f"tokenized; give --data-path (or --mock-data) for another tokenizer")
+    if args.data_path and args.split is None:
+        args.split = LEGACY_DEFAULT_SPLIT
+    if args.split is not None:
+        try:
+            weights = parse_split(args.split)
+        except (AssertionError, ValueError, ZeroDivisionError):
+            raise ArgumentError(f"--split {args.split!r} is not a comma-separated list of 1-3 non-negative numbers")
+        if weights[0] <= 0:
+            raise ArgumentError(f"--split {args.split!r} leaves no training data")
+    for flag, tokens in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
+                         ("--valid-data-path", args.valid_data_path), ("--test-data-path", args.test_data_path)):
+        if not tokens:
+            continue
+        if len(tokens) % 2 == 0 and all(_is_number(t) for t in tokens[::2]):
+            if any(float(w) < 0 for w in tokens[::2]):
+                raise ArgumentError(f"{flag}: blend weights must be >= 0")
+        prefixes, _ = parse_blend(tokens)
+        for prefix in prefixes:
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise ArgumentError(f"{flag}: missing data file {prefix + ext}")
+
+    # tokenizer (built here so a bad file is a flag error, and the padded vocab is known)
+    if args.mock_data and args.tokenizer_type is None:
+        args.tokenizer_type = "NullTokenizer"
+        if args.vocab_size is None:
+            args.vocab_size = 4095 if args.demo else None
+    if args.tokenizer_type is None:
+        raise ArgumentError("--tokenizer-type is required with --data-path")
+    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+        raise ArgumentError("--tokenizer-type NullTokenizer needs --vocab-size")
+    for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file),
+                       ("--tokenizer-model", args.tokenizer_model)):
+        if path is not None and not os.path.exists(path):
+            raise ArgumentError(f"{flag}: no such file {path}")
+    tok = build_tokenizer_from_args(args)
+    args.padded_vocab_size = padded_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by,
+                                               args.tensor_model_parallel_size)
+    if args.num_experts and args.moe_router_type == "hash" and args.padded_vocab_size <= 0:
+        raise ArgumentError("--moe-router-type hash needs a tokenizer vocabulary")
+
+
+def _is_number(s):
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+_TOKENIZERS: dict = {}
+
+
+def build_tokenizer_from_args(args):
+    """The run's tokenizer (cached per argument set); a bad choice is an ArgumentError."""
+    from selfmoe.data.tokenizers import TokenizerError, build_tokenizer
+
+    key = (args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
+    if key not in _TOKENIZERS:
+        try:
+            _TOKENIZERS[key] = build_tokenizer(args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+                                               vocab_file=args.vocab_file, merge_file=args.merge_file,
+                                               vocab_size=args.vocab_size)
+        except TokenizerError as e:
+            raise ArgumentError(str(e)) from None
+    return _TOKENIZERS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# args -> the one config object
+
+def args_to_config(args):
+    """The SelfMoEConfig these (validated) arguments describe; a config-level error is an ArgumentError."""
+    import torch
+    import torch.nn.functional as F
+
+    from selfmoe.config import make_config
+
+    params_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    kw = dict(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, kv_channels=args.kv_channels,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias or args.add_bias_linear,
+        qk_layernorm=args.qk_layernorm,
+        vocab_size=getattr(args, "padded_vocab_size", 0), max_position_embeddings=args.max_position_embeddings,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent, untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16, params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        moe_router_type=args.moe_router_type,
+    )
+    if args.num_experts:
+        kw.update(
+            num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            moe_router_topk=args.moe_router_topk, moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_pre_softmax=args.moe_router_pre_softmax,
+            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+            moe_router_dtype=args.moe_router_dtype, moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+            moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+            moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+            moe_token_drop_policy=args.moe_token_drop_policy, moe_input_jitter_eps=args.moe_input_jitter_eps,
+            self_routing_subspace=args.self_routing_subspace, self_routing_temperature=args.self_routing_temperature,
+            routing_free_rank=args.routing_free_rank, routing_free_theta=args.routing_free_theta,
+            routing_free_density_target=args.routing_free_density_target,
+            routing_free_lambda0=args.routing_free_lambda0, routing_free_eta=args.routing_free_eta,
+            routing_free_mu=args.routing_free_mu, routing_free_expert_type=args.routing_free_expert_type,
+            random_router_seed=args.seed, hash_router_seed=args.seed,
+        )
+    style = "mixtral" if args.swiglu else "gpt2"
+    try:
+        return make_config(style, **kw)
+    except (ValueError, AssertionError) as e:
+        raise ArgumentError(_as_flags(" ".join(str(e).split()) or type(e).__name__, args)) from None
+
+
+_CONFIG_TO_FLAG = {"num_moe_experts": "--num-experts", "layernorm_epsilon": "--norm-epsilon",
+                   "gated_linear_unit": "--swiglu", "add_bias_linear": "--disable-bias-linear"}
+
+
+def _as_flags(message: str, args) -> str:
+    """Name config fields in an error the way the user typed them: routing_free_mu -> --routing-free-mu."""
+    import re
+
+    def flag(m):
+        word = m.group(0)
+        if word in _CONFIG_TO_FLAG:
+            return _CONFIG_TO_FLAG[word]
+        return "--" + word.replace("_", "-") if hasattr(args, word) else word
+
+    return re.sub(r"\b[a-z]+(?:_[a-z0-9]+)+\b", flag, message)

@@ -1,0 +1,296 @@
+"""Checkpoints with Megatron-Core's dist_checkpointing, in Megatron-LM's directory layout.
+
+    <save>/iter_0000010/                     one checkpoint (torch_dist format, any parallel layout)
+    <save>/latest_checkpointed_iteration.txt the iteration to resume from
+
+What a checkpoint holds, and why it is enough to continue the exact same loss curve:
+- the model's sharded state dict: weights plus persistent router state (Routing-Free lambda,
+  TopKRouter expert_bias, the random router's forward count);
+- the optimizer's sharded state dict (Adam moments and step) and the lr scheduler's state;
+- every rank's RNG states (python, numpy, torch, the tensor-parallel tracker): dropout;
+- the data position (consumed samples, iteration) and the model config fingerprint.
+
+Saving is atomic: all ranks write into `<save>/.tmp_iter_XXXXXXX_<id>`, rank 0 renames it into place
+and only then replaces the latest file (temp file + os.replace). A kill at any moment leaves the
+previous checkpoint loadable and the latest file pointing at it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+import uuid
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from selfmoe.config import config_fingerprint
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 1
+# test hook: "ITER:SECONDS" sleeps inside the save of iteration ITER, after the shards are
+# written and before the rename, so a test can kill the process there deterministically.
+SLEEP_IN_SAVE_ENV = "SELFMOE_TEST_SLEEP_IN_SAVE"
+
+# Model fields a checkpoint must agree on: Megatron's TransformerConfig fields that shape or
+# define the network, plus every field SelfMoEConfig adds (model level and routers) except the
+# knobs that only steer training or inference. Parallel sizes, dropout, precision, kernels and
+# loss weights may change on resume (dist_checkpointing reshards across parallel layouts).
+TRANSFORMER_MODEL_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "normalization", "layernorm_epsilon", "layernorm_zero_centered_gamma", "gated_linear_unit", "add_bias_linear",
+    "add_qkv_bias", "qk_layernorm", "apply_residual_connection_post_layernorm", "multi_latent_attention",
+    "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_score_function",
+    "moe_router_pre_softmax", "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias",
+    "moe_shared_expert_intermediate_size", "moe_layer_freq", "mtp_num_layers",
+)
+RESUMABLE_ROUTER_FIELDS = {
+    "model_style", "routing_free_eta", "routing_free_lambda0", "routing_free_density_target", "routing_free_mu",
+    "routing_free_theta", "routing_free_bias_init", "routing_free_scale_init",
+}
+
+
+def model_fields() -> list[str]:
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from selfmoe.config import SelfMoEConfig
+
+    base = {f.name for f in dataclasses.fields(TransformerConfig)}
+    own = [f.name for f in dataclasses.fields(SelfMoEConfig) if f.name not in base]
+    return list(TRANSFORMER_MODEL_FIELDS) + [f for f in own if f not in RESUMABLE_ROUTER_FIELDS]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used by this run; str() is one line for the user."""
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_latest_iteration(root: str) -> int | None:
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _unwrap(chunk):
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(chunk)  # DDP / Float16Module -> the GPTModel
+
+
+def _barrier():
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rng_state() -> dict:
+    """This rank's RNG states as plain objects (checkpoints load with torch's weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "random": random.getstate(),
+        "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["random"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=False, with_rng=True) -> dict:
+    chunk = _unwrap(model[0])
+    sd = {"model": chunk.sharded_state_dict()}
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
+    if scheduler is not None:
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        # One piece per rank: ranks of one data-parallel group may differ (e.g. after skipped steps).
+        sd["rng_state"] = ShardedObject("rng_state", rng_state(), (_world(),), (_rank(),), replica_id=0)
+    return sd
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, config, *, consumed_train_samples: int,
+                    args_dict: dict | None = None) -> str:
+    """Save atomically (collective over all ranks); returns the checkpoint directory."""
+    if not _params_finite(model):
+        raise CheckpointError(f"refusing to save iteration {iteration}: the weights hold NaN/Inf")
+    final = checkpoint_dir(root, iteration)
+    # A fresh temp name per attempt: writer processes orphaned by a killed save can never touch it.
+    tmp = [os.path.join(root, f".tmp_iter_{iteration:07d}_{uuid.uuid4().hex[:8]}")]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(tmp, src=0)
+    tmp = tmp[0]
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of saves that were killed
+            if name.startswith(".tmp_iter_"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    rng_before = rng_state()
+    sd = _sharded_state_dict(model, optimizer, scheduler)
+    sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples, world_size=_world(),
+              config=config_fingerprint(config), checkpoint_version=CHECKPOINT_VERSION, args=args_dict or {})
+    dist_checkpointing.save(sd, tmp)
+    _test_sleep_hook(iteration)
+    _barrier()
+    if _rank() == 0:
+        _fsync_tree(tmp)  # the data is on disk before the rename that publishes it
+        old = final + ".old"
+        if os.path.exists(final):  # re-saving an iteration; loading falls back to .old in between
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        _write_atomically(os.path.join(root, TRACKER_FILE), str(iteration))
+    _barrier()
+    # Whatever saving drew from the RNGs, the run goes on from the state that was saved, exactly
+    # like a run resumed from this checkpoint.
+    set_rng_state(rng_before)
+    return final
+
+
+def _test_sleep_hook(iteration: int):
+    spec = os.environ.get(SLEEP_IN_SAVE_ENV)
+    if spec:
+        it, seconds = spec.split(":")
+        if int(it) == iteration:
+            print(f"[test hook] sleeping {seconds}s inside the save of iteration {iteration}", flush=True)
+            time.sleep(float(seconds))
+
+
+def _fsync_tree(root: str):
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _write_atomically(path: str, text: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@torch.no_grad()
+def _params_finite(model) -> bool:
+    ok = all(bool(torch.isfinite(p).all()) for chunk in model for p in chunk.parameters())
+    t = torch.tensor([0.0 if ok else 1.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() == 0
+
+
+def check_config_compatible(saved: dict, config, where: str) -> None:
+    """One-line CheckpointError naming every model field that differs from the checkpoint's."""
+    now = config_fingerprint(config)
+    diff = [f"{k}={saved[k]!r} in the checkpoint but {now[k]!r} now" for k in model_fields()
+            if k in saved and k in now and _norm(saved[k]) != _norm(now[k])]
+    if diff:
+        raise CheckpointError(f"cannot resume from {where}: incompatible model config: {'; '.join(diff)}")
+
+
+def _norm(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def latest_checkpoint(root: str) -> tuple[int, str] | None:
+    """(iteration, directory) named by the latest file, or None for a fresh run."""
+    iteration = read_latest_iteration(root) if root and os.path.isdir(root) else None
+    if iteration is None:
+        return None
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+        path += ".old"  # killed while re-saving this same iteration: the previous copy is intact
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{os.path.join(root, TRACKER_FILE)} names iteration {iteration} but {path} is missing")
+    return iteration, path
+
+
+def check_resume_compatible(root: str, config) -> None:
+    """Fail before any model is built if the checkpoint to resume describes another model."""
+    found = latest_checkpoint(root)
+    if found is not None:
+        check_config_compatible(dist_checkpointing.load_common_state_dict(found[1]).get("config", {}), config, found[1])
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_optim: bool = True,
+                    load_rng: bool = True, finetune: bool = False) -> dict | None:
+    """Load the latest checkpoint under `root` into model/optimizer/scheduler/RNG (collective).
+
+    Returns {"iteration", "consumed_train_samples", "path"} or None when `root` holds no checkpoint
+    (a fresh run, as in Megatron-LM). With finetune, only the weights are loaded and the run starts
+    at iteration 0.
+    """
+    found = latest_checkpoint(root)
+    if found is None:
+        return None
+    path = found[1]
+    common = dist_checkpointing.load_common_state_dict(path)
+    check_config_compatible(common.get("config", {}), config, path)
+    load_optim = load_optim and not finetune
+    load_rng = load_rng and not finetune and common.get("world_size") == _world()
+    sd = _sharded_state_dict(model, optimizer if load_optim else None, scheduler if load_optim else None,
+                             is_loading=True, with_rng=load_rng)
+    try:
+        state = dist_checkpointing.load(sd, path)
+    except Exception as e:  # noqa: BLE001 - shape mismatches etc. come from deep inside
+        raise CheckpointError(f"cannot load {path}: {' '.join(str(e).split())[:500]}") from None
+    _unwrap(model[0]).load_state_dict(state["model"], strict=True)
+    if load_optim:
+        optimizer.load_state_dict(state["optimizer"])
+        try:
+            scheduler.load_state_dict(state["opt_param_scheduler"])
+        except AssertionError as e:
+            raise CheckpointError(
+                f"the learning-rate schedule differs from the checkpoint's ({' '.join(str(e).split())}); pass "
+                f"--override-opt_param-scheduler to use this run's or --use-checkpoint-opt_param-scheduler "
+                f"to keep the checkpoint's") from None
+    if load_rng:
+        set_rng_state(state["rng_state"])
+    if finetune:
+        return {"iteration": 0, "consumed_train_samples": 0, "path": path}
+    return {"iteration": int(common["iteration"]), "consumed_train_samples": int(common["consumed_train_samples"]),
+            "path": path, "loaded_optim": load_optim, "loaded_rng": load_rng}

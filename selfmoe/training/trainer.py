@@ -1,0 +1,337 @@
+"""The one training loop, shared by every model (pretrain_gpt.py now, pretrain_vit.py later).
+
+A script hands in three things, as with Megatron-LM's `pretrain()`:
+- `model_provider(config, pre_process, post_process, vp_stage)` -> this stage's model;
+- `datasets_provider(args, [train, valid, test] sample counts)` -> map-style datasets;
+- `forward_step(data_iterator, model)` -> (output, loss_func); loss_func returns
+  (loss sum, token count, {loss_name: [sum, count]}) as Megatron-LM's pretrain_gpt does
+  (loss_name "lm loss" for GPT).
+
+Everything else is Megatron-Core's own machinery: parallel_state, DDP, get_megatron_optimizer,
+OptimizerParamScheduler, get_forward_backward_func (so pipeline parallelism works) and
+finalize_model_grads. The loop adds what a research run needs on top: NaN/Inf steps are skipped
+and counted (several in a row stop the run, NaN weights are never saved), Routing-Free's
+balance coefficient is stepped after each update, routing metrics are logged, and checkpoints
+resume onto the identical loss curve.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.moe import moe_utils
+
+from selfmoe.metrics import RoutingStats, parameter_counts
+from selfmoe.training import checkpointing
+from selfmoe.training.arguments import train_valid_test_num_samples
+from selfmoe.training.data import MicroBatchIterator
+from selfmoe.training.distributed import (
+    all_ranks_agree,
+    destroy_distributed,
+    init_distributed,
+    set_random_seed,
+)
+from selfmoe.training.logging_utils import TrainingLogger
+
+MAX_CONSECUTIVE_NONFINITE = 5  # this many NaN/Inf iterations in a row stop the run
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed NaN/Inf for MAX_CONSECUTIVE_NONFINITE iterations."""
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    skipped_iterations: int = 0
+    nonfinite_streak: int = 0
+    last_saved: int | None = None
+    last_checkpoint: str | None = None
+    losses: dict = field(default_factory=dict)  # iteration -> lm loss (this process's run)
+
+
+# ---------------------------------------------------------------------------------------------
+# components
+
+def build_model(args, config, model_provider) -> list:
+    """This rank's model chunk(s), wrapped for bf16 and in Megatron-Core's DDP."""
+    model = model_provider(config, pre_process=None, post_process=None, vp_stage=None)
+    if args.bf16:
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.bf16,  # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
+        overlap_grad_reduce=False, use_distributed_optimizer=False, check_for_nan_in_grad=False,
+    )
+    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)]
+
+
+def build_optimizer(args, model):
+    """get_megatron_optimizer + the iteration-based OptimizerParamScheduler of Megatron-LM (steps in samples)."""
+    opt_config = OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale, use_distributed_optimizer=False,
+    )
+    optimizer = get_megatron_optimizer(opt_config, model)
+    gbs = args.global_batch_size
+    decay_steps = args.lr_decay_iters * gbs
+    if args.lr_warmup_fraction is not None:
+        warmup_steps = args.lr_warmup_fraction * decay_steps
+    else:
+        warmup_steps = args.lr_warmup_iters * gbs
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gbs,
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+    )
+    return optimizer, scheduler
+
+
+def wire_config(config, optimizer) -> None:
+    """The hooks get_forward_backward_func reads from the config (as Megatron-LM's training.py sets them)."""
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = None  # grads are reduced once, in finalize_model_grads
+    config.param_sync_func = None
+    config.timers = None
+
+
+def reduce_losses(losses_reduced: list, key: str = "lm loss") -> tuple[float, float]:
+    """(loss sum, token count) of one step over all micro-batches and data-parallel ranks, on every rank.
+
+    Only the last pipeline stage has losses; it sums over its DP group, and the last rank (always
+    on the last stage) broadcasts, so that every rank takes the same skip/stop decisions.
+    """
+    buf = torch.zeros(2, dtype=torch.float64)
+    for d in losses_reduced:
+        buf += d[key].detach().double().view(-1)[:2]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            dist.all_reduce(buf, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        dist.broadcast(buf, src=dist.get_world_size() - 1)
+    return float(buf[0]), float(buf[1])
+
+
+def grads_finite(model) -> bool:
+    """Whether every (reduced) gradient is finite, on all ranks (a sum is NaN/Inf if any element is)."""
+    bad = False
+    for chunk in model:
+        for buf in chunk.buffers + chunk.expert_parallel_buffers:
+            if not bool(torch.isfinite(buf.grad_data.sum())):
+                bad = True
+    return not all_ranks_agree(bad)
+
+
+def moe_aux_losses(config) -> dict:
+    """Megatron-Core's MoE aux-loss tracker, averaged over MoE layers and micro-batches, then cleared."""
+    if not config.num_moe_experts:
+        return {}
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    names = sorted(tracker)
+    if not names:
+        return {}
+    moe_utils.reduce_aux_losses_tracker_across_ranks(names)
+    out = {n: float(tracker[n]["values"].float().sum()) / (config.num_layers * get_num_microbatches()) for n in names}
+    moe_utils.clear_aux_losses_tracker()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+def train_step(forward_step, data_iterator, model, optimizer, scheduler, args, config, loss_name="lm loss"):
+    """One optimizer step. Returns (loss or None, grad norm or None, skipped)."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=model,
+        num_microbatches=get_num_microbatches(), seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        decoder_seq_length=args.seq_length, forward_only=False,
+    )
+    loss_sum, ntokens = reduce_losses(losses, loss_name)
+    loss = loss_sum / max(ntokens, 1.0)
+    # Megatron-LM skips the update on a NaN/Inf loss or gradient rather than poisoning the weights.
+    if not math.isfinite(loss) or not grads_finite(model):
+        return (loss if math.isfinite(loss) else float("nan")), None, True
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=args.global_batch_size)
+    if config.num_moe_experts and config.moe_router_type == "routing-free":
+        from selfmoe.routers.routing_free import update_balance_coefficient
+
+        update_balance_coefficient(model)  # collective: every rank, once per optimizer step
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    return loss, grad_norm, not update_successful
+
+
+@torch.no_grad()
+def evaluate(forward_step, dataset, model, args, loss_name="lm loss") -> float:
+    """Mean loss over the first eval_iters global batches of `dataset` (the same batches every time)."""
+    it = MicroBatchIterator(dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                            parallel_state.get_data_parallel_world_size(), consumed_samples=0, wrap=True)
+    for chunk in model:
+        chunk.eval()
+    total, count = 0.0, 0.0
+    for _ in range(args.eval_iters):
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=it, model=model, num_microbatches=get_num_microbatches(),
+            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+            decoder_seq_length=args.seq_length, forward_only=True,
+        )
+        s, n = reduce_losses(losses, loss_name)
+        total, count = total + s, count + n
+    for chunk in model:
+        chunk.train()
+    moe_utils.clear_aux_losses_tracker()
+    return total / max(count, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+def pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name: str = "lm loss") -> dict:
+    """Train as the arguments say; returns a summary dict (losses per iteration, final metrics).
+
+    Sets up and tears down the process group and Megatron's parallel state, so it can be called
+    again in the same process (tests).
+    """
+    init_distributed(args, timeout_minutes=args.distributed_timeout_minutes)
+    try:
+        return _pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name)
+    finally:
+        destroy_distributed()
+
+
+def _pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name) -> dict:
+    set_random_seed(args.seed)
+    logger = TrainingLogger(args, tokens_per_iteration=args.global_batch_size * args.seq_length, loss_name=loss_name)
+    if args.ignored_flags:
+        logger.print(f"ignored on CPU (no effect here): {' '.join(args.ignored_flags)}")
+    for note in getattr(args, "notes", []):
+        logger.print(f"note: {note}")
+    logger.print(f"world size {args.world_size} | data-parallel {args.data_parallel_size} | tensor-parallel "
+                 f"{args.tensor_model_parallel_size} | pipeline-parallel {args.pipeline_model_parallel_size} | "
+                 f"expert-parallel {args.expert_model_parallel_size} | micro-batches per step {get_num_microbatches()}")
+
+    if args.load:
+        checkpointing.check_resume_compatible(args.load, config)
+    model = build_model(args, config, model_provider)
+    optimizer, scheduler = build_optimizer(args, model)
+    wire_config(config, optimizer)
+    E = config.num_moe_experts
+    logger.print_parameter_counts(parameter_counts(model, config), config.moe_router_type if E else None)
+
+    state = TrainState()
+    if args.load:
+        loaded = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler, config,
+                                               load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
+                                               finetune=args.finetune)
+        if loaded is None:
+            logger.print(f"no checkpoint in {args.load}: training from scratch")
+        else:
+            state.iteration, state.consumed_train_samples = loaded["iteration"], loaded["consumed_train_samples"]
+            same_dir = args.save and os.path.realpath(args.save) == os.path.realpath(args.load)
+            state.last_saved = state.iteration if same_dir and not args.finetune else None  # already on disk
+            logger.print(f"loaded checkpoint {loaded['path']} (iteration {state.iteration}, "
+                         f"{state.consumed_train_samples} samples consumed)")
+            if not loaded.get("loaded_rng", True) and not args.no_load_rng and not args.finetune:
+                logger.print("note: the checkpoint was saved with another world size; RNG states start fresh")
+
+    train_ds, valid_ds, _ = datasets_provider(args, train_valid_test_num_samples(args))
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    train_iter = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size, state.consumed_train_samples)
+    routing = RoutingStats(model, config.num_layers, E) if E else None
+
+    def run_validation():
+        if valid_ds is not None and args.eval_iters > 0:
+            if routing:
+                routing.enabled = False
+            logger.validation_result(state.iteration, evaluate(forward_step, valid_ds, model, args, loss_name))
+            if routing:
+                routing.enabled = True
+
+    def save():  # Megatron-LM order: train step, log, validate, then save
+        t0 = time.time()
+        state.last_checkpoint = checkpointing.save_checkpoint(
+            args.save, state.iteration, model, optimizer, scheduler, config,
+            consumed_train_samples=state.consumed_train_samples, args_dict=_plain_args(args))
+        state.last_saved = state.iteration
+        logger.print(f"saved checkpoint {state.last_checkpoint} ({time.time() - t0:.1f}s)")
+
+    logger.start(state.iteration)
+    for chunk in model:
+        chunk.train()
+    while state.iteration < args.train_iters:
+        t0 = time.time()
+        loss, grad_norm, skipped = train_step(forward_step, train_iter, model, optimizer, scheduler, args, config,
+                                              loss_name)
+        step_seconds = time.time() - t0
+        state.iteration += 1
+        state.consumed_train_samples += args.global_batch_size
+        aux = moe_aux_losses(config)
+        if skipped:
+            state.skipped_iterations += 1
+        nonfinite = loss is None or not math.isfinite(loss)
+        state.nonfinite_streak = state.nonfinite_streak + 1 if nonfinite else 0
+        if nonfinite:
+            logger.print(f"iteration {state.iteration}: {loss_name} is NaN/Inf; update skipped "
+                         f"({state.nonfinite_streak} in a row)")
+        else:
+            state.losses[state.iteration] = loss
+        lr = optimizer.param_groups[0]["lr"]
+        logger.iteration(state.iteration, None if nonfinite else loss, lr, grad_norm, skipped, aux, step_seconds)
+        if state.nonfinite_streak >= MAX_CONSECUTIVE_NONFINITE:
+            logger.close()
+            raise TrainingDiverged(
+                f"{state.nonfinite_streak} consecutive iterations with a NaN/Inf loss (last at iteration "
+                f"{state.iteration}); stopping without saving" +
+                (f"; last good checkpoint: {state.last_checkpoint}" if state.last_checkpoint else ""))
+        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            logger.interval(state.iteration, lr, routing.reduce() if routing else None)
+        if args.eval_interval and state.iteration % args.eval_interval == 0:
+            run_validation()
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            save()
+        if args.exit_interval and state.iteration % args.exit_interval == 0:
+            if args.save and state.last_saved != state.iteration:
+                save()
+            logger.print(f"exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
+            break
+
+    finished = state.iteration >= args.train_iters
+    if finished and valid_ds is not None and args.eval_iters > 0 and (
+            not logger.validation or logger.validation[-1][0] != state.iteration):
+        run_validation()
+    if finished and args.save and state.last_saved != state.iteration and state.iteration > 0:
+        save()
+    summary = logger.summary(state.iteration, state.last_checkpoint)
+    logger.close()
+    if routing:
+        routing.remove()
+    summary.update(losses=dict(state.losses), skipped_iterations=state.skipped_iterations,
+                   validation=list(logger.validation), iteration=state.iteration)
+    return summary
+
+
+def _plain_args(args) -> dict:
+    return {k: v for k, v in vars(args).items()
+            if isinstance(v, (int, float, str, bool, type(None))) or
+            (isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str)) for x in v))}

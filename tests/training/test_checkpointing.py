@@ -1,0 +1,167 @@
+"""Checkpoints under kill -9: resuming continues the uninterrupted loss curve exactly, a kill inside
+a save leaves the previous checkpoint loadable, a different model config is refused in one line,
+and a checkpoint loads into other parallel layouts (PP, TP+SP, EP) with the same losses.
+
+Each run is a real `python pretrain_gpt.py` process; per-iteration losses are read back from the
+TensorBoard event files the runs write. Dropout stays on (0.1) so the RNG has to be restored too.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+         "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "2",
+         "--lr-decay-style", "cosine", "--train-iters", "8", "--log-interval", "1", "--eval-interval", "4",
+         "--eval-iters", "1", "--disable-bias-linear", "--num-experts", "4",
+         "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
+ROUTERS = {
+    # lambda (a model buffer) must be restored: make it large and fast-moving so it matters
+    "routing-free": ["--moe-router-type", "routing-free", "--routing-free-rank", "8", "--routing-free-lambda0", "0.05",
+                     "--routing-free-eta", "0.5"],
+    # the aux-loss-free expert bias is a buffer updated at every step
+    "learned": ["--moe-router-type", "learned", "--moe-router-enable-expert-bias", "--moe-router-score-function",
+                "sigmoid", "--moe-router-bias-update-rate", "0.05"],
+    # the random router's draws follow its forward count, a buffer
+    "random": ["--moe-router-type", "random"],
+}
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    e.pop("SELFMOE_TEST_SLEEP_IN_SAVE", None)
+    return e
+
+
+def train(argv, **env_extra):
+    p = subprocess.run([sys.executable, "pretrain_gpt.py", *argv], cwd=REPO, env=dict(env(), **env_extra),
+                       capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def train_and_kill(argv, marker, tmp_path, **env_extra):
+    """Start a run, SIGKILL its whole process group once `marker` is printed; returns (rc, stdout)."""
+    with open(tmp_path / "killed.stderr", "w") as err:
+        p = subprocess.Popen([sys.executable, "pretrain_gpt.py", *argv], cwd=REPO, env=dict(env(), **env_extra),
+                             stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if marker in line:
+                os.killpg(p.pid, signal.SIGKILL)
+                break
+        p.stdout.close()
+        rc = p.wait(timeout=60)
+    return rc, "".join(lines)
+
+
+def tb_losses(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir))
+    ea.Reload()
+    return {e.step: e.value for e in ea.Scalars("lm loss")}
+
+
+_uninterrupted: dict = {}
+
+
+def uninterrupted(router, tmp_path_factory):
+    """Per-iteration losses of the same run without interruption (computed once per router)."""
+    if router not in _uninterrupted:
+        tb = tmp_path_factory.mktemp(f"full-{router}")
+        rc, out, err = train(FLAGS + ROUTERS[router] + ["--tensorboard-dir", str(tb)])
+        assert rc == 0, err[-3000:]
+        _uninterrupted[router] = tb_losses(tb)
+        assert sorted(_uninterrupted[router]) == list(range(1, 9))
+    return _uninterrupted[router]
+
+
+@pytest.mark.parametrize("router", ["routing-free", "learned"])
+def test_kill9_then_resume_gives_identical_losses(router, tmp_path, tmp_path_factory):
+    reference = uninterrupted(router, tmp_path_factory)
+    ckpt = tmp_path / "ckpt"
+    rc, out = train_and_kill(FLAGS + ROUTERS[router] + ["--save", str(ckpt), "--save-interval", "4"],
+                             "iteration 6/8", tmp_path)
+    assert rc == -signal.SIGKILL, out  # killed mid-run, not finished
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    rc, out, err = train(FLAGS + ROUTERS[router] + ["--load", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb")])
+    assert rc == 0, err[-3000:]
+    assert "iter_0000004 (iteration 4, 16 samples consumed)" in out
+    resumed = tb_losses(tmp_path / "tb")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for i in (5, 6, 7, 8):
+        assert resumed[i] == reference[i], f"iteration {i}: {resumed[i]!r} != {reference[i]!r}"
+
+
+def test_kill_inside_save_keeps_previous_checkpoint(tmp_path, tmp_path_factory):
+    reference = uninterrupted("random", tmp_path_factory)
+    ckpt = tmp_path / "ckpt"
+    rc, out = train_and_kill(FLAGS + ROUTERS["random"] + ["--save", str(ckpt), "--save-interval", "2"],
+                             "[test hook] sleeping", tmp_path, SELFMOE_TEST_SLEEP_IN_SAVE="4:120")
+    assert rc == -signal.SIGKILL, out
+    assert "saved checkpoint" in out and "iter_0000002" in out
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert not (ckpt / "iter_0000004").exists()
+    assert any(n.startswith(".tmp_iter_0000004") for n in os.listdir(ckpt))  # the interrupted save
+    rc, out, err = train(FLAGS + ROUTERS["random"] + ["--load", str(ckpt), "--save", str(ckpt), "--save-interval",
+                                                      "100", "--tensorboard-dir", str(tmp_path / "tb")])
+    assert rc == 0, err[-3000:]
+    assert "iter_0000002 (iteration 2, 8 samples consumed)" in out
+    resumed = tb_losses(tmp_path / "tb")
+    assert sorted(resumed) == list(range(3, 9))
+    for i in range(3, 9):
+        assert resumed[i] == reference[i], f"iteration {i}: {resumed[i]!r} != {reference[i]!r}"
+    assert sorted(os.listdir(ckpt)) == ["iter_0000002", "iter_0000008", "latest_checkpointed_iteration.txt"]
+
+
+@pytest.fixture(scope="module")
+def one_step_checkpoint(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("one-step") / "ckpt"
+    rc, out, err = train(FLAGS + ["--train-iters", "1", "--lr-warmup-iters", "0", "--eval-iters", "0", "--save", str(ckpt)])
+    assert rc == 0, err[-3000:]
+    return ckpt
+
+
+def test_resume_with_another_hidden_size_fails_in_one_line(one_step_checkpoint):
+    rc, out, err = train(FLAGS + ["--load", str(one_step_checkpoint), "--hidden-size", "32"])
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: cannot resume from") and "hidden_size=64 in the checkpoint but 32 now" in lines[0]
+    assert "parameters:" not in out  # refused before the model was built
+
+
+LAYOUTS = {
+    "pipeline-2": ["--pipeline-model-parallel-size", "2"],
+    "tensor-2+sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "expert-2-alltoall": ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"],
+}
+NO_DROPOUT = ["--hidden-dropout", "0", "--attention-dropout", "0", "--eval-iters", "0", "--train-iters", "4",
+              "--lr-warmup-iters", "0", "--finetune"]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_checkpoint_loads_into_other_parallel_layouts_with_same_losses(layout, one_step_checkpoint, tmp_path,
+                                                                       tmp_path_factory):
+    """Same weights, same data: 2 ranks split by PP, TP+SP or EP train exactly like 1 rank."""
+    if "reference" not in _uninterrupted:
+        tb = tmp_path_factory.mktemp("layout-reference")
+        rc, out, err = train(FLAGS + NO_DROPOUT + ["--load", str(one_step_checkpoint), "--tensorboard-dir", str(tb)])
+        assert rc == 0, err[-3000:]
+        _uninterrupted["reference"] = tb_losses(tb)
+    reference = _uninterrupted["reference"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "pretrain_gpt.py", *FLAGS, *NO_DROPOUT, *LAYOUTS[layout], "--load", str(one_step_checkpoint),
+                        "--tensorboard-dir", str(tmp_path / "tb")], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    losses = tb_losses(tmp_path / "tb")
+    assert sorted(losses) == sorted(reference) == [1, 2, 3, 4]
+    for i in reference:
+        assert losses[i] == pytest.approx(reference[i], rel=1e-5)
