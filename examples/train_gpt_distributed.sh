@@ -6,7 +6,7 @@
 #                or under SLURM (see slurm_train_gpt.sbatch), where they are read from SLURM_*.
 # CPU toy run:   GPUS_PER_NODE=2 TP=1 EP=2 MODEL_ARGS="--num-layers 2 --hidden-size 64 \
 #                  --num-attention-heads 4 --seq-length 64 --max-position-embeddings 64" \
-#                TRAIN_ITERS=5 MICRO_BATCH=2 GLOBAL_BATCH=4 DATA_ARGS="--mock-data --vocab-size 512 \
+#                TRAIN_ITERS=5 WARMUP=1 MICRO_BATCH=2 GLOBAL_BATCH=4 DATA_ARGS="--mock-data --vocab-size 512 \
 #                  --tokenizer-type NullTokenizer" bash examples/train_gpt_distributed.sh
 #
 # Every other pretrain_gpt.py flag can be appended: bash examples/train_gpt_distributed.sh --bf16

@@ -94,8 +94,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    # wd_mult: Megatron's OptimizerParamScheduler sets weight_decay = wd * wd_mult per group
+    groups = [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "name": "no_decay"}]
     groups = [g for g in groups if g["params"]]
     if ps.get_expert_model_parallel_world_size() > 1:
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
@@ -114,7 +115,7 @@ def load_config(path_or_dict) -> dict:
         raise ValueError(f"--deepspeed-config {path_or_dict}: line {e.lineno}: {e.msg}") from None
 
 
-def resolve_auto(cfg: dict, micro_batch_size=None, grad_accum=None, bf16=None) -> dict:
+def resolve_auto(cfg: dict, micro_batch_size=None, grad_accum=None, bf16=None, clip_grad=None) -> dict:
     """Fill DeepSpeed config values written as "auto" (the HF convention) from the Megatron flags."""
     cfg = json.loads(json.dumps(cfg))
     fills = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum}
@@ -123,6 +124,8 @@ def resolve_auto(cfg: dict, micro_batch_size=None, grad_accum=None, bf16=None) -
             if value is None:
                 raise ValueError(f"DeepSpeed config: {key} is 'auto' but no value was given")
             cfg[key] = value
+    if clip_grad is not None and cfg.get("gradient_clipping", "auto") == "auto":
+        cfg["gradient_clipping"] = clip_grad
     if cfg.get("train_batch_size") == "auto":
         del cfg["train_batch_size"]  # DeepSpeed derives it from micro batch x accumulation x DP
     for sec in ("bf16", "fp16"):
@@ -132,7 +135,7 @@ def resolve_auto(cfg: dict, micro_batch_size=None, grad_accum=None, bf16=None) -
 
 
 def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler=None, optimizer=None,
-               micro_batch_size=None, grad_accum=None, bf16=None):
+               micro_batch_size=None, grad_accum=None, bf16=None, clip_grad=None):
     """Wrap `model` (one Megatron-Core model chunk, PP=1) in a DeepSpeed engine.
 
     Returns (engine, optimizer). The micro batch and accumulation come from the DeepSpeed config
@@ -149,7 +152,7 @@ def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler
         # its own deepspeed.moe.layer.MoE class; Megatron-Core's MoELayer is not one.
         raise ValueError("--deepspeed with --expert-model-parallel-size > 1 is not supported yet; "
                          "use EP=1 with ZeRO, or EP>1 without --deepspeed")
-    cfg = resolve_auto(load_config(ds_config), micro_batch_size, grad_accum, bf16)
+    cfg = resolve_auto(load_config(ds_config), micro_batch_size, grad_accum, bf16, clip_grad)
     from selfmoe import cpu_compat
 
     if cpu_compat.is_applied():

@@ -118,6 +118,8 @@ def parameter_counts(model, config) -> dict:
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            if getattr(p, "shared_embedding", False) and not ps.is_pipeline_first_stage(ignore_virtual=True):
+                continue  # tied output layer on the last stage: the first stage counts the embedding
             if id(p) in expert_ids:
                 if ps.get_expert_tensor_parallel_rank() == 0 or getattr(p, "tensor_model_parallel", False):
                     expert += p.numel()

@@ -11,6 +11,7 @@ A Megatron-LM GPT/MoE launch script should run here with only its paths changed,
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -22,7 +23,7 @@ IGNORED_FLAGS = {
     "--transformer-impl": None, "--attention-backend": None, "--moe-grouped-gemm": 0,
     "--moe-use-legacy-grouped-gemm": 0, "--moe-permute-fusion": 0, "--moe-router-fusion": 0,
     "--overlap-grad-reduce": 0, "--overlap-param-gather": 0, "--align-param-gather": 0,
-    "--overlap-param-gather-with-optimizer-step": 0, "--use-distributed-optimizer": 0,
+    "--overlap-param-gather-with-optimizer-step": 0,
     "--bias-gelu-fusion": 0, "--no-bias-gelu-fusion": 0, "--no-bias-swiglu-fusion": 0,
     "--no-bias-dropout-fusion": 0, "--no-rope-fusion": 0, "--no-persist-layer-norm": 0,
     "--attention-softmax-in-fp32": 0, "--no-masked-softmax-fusion": 0,
@@ -162,6 +163,13 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Megatron-Core's sharded optimizer (GPU only; on CPU use --deepspeed with ZeRO)")
+
+    g = p.add_argument_group("DeepSpeed (ZeRO optimizer sharding)")
+    g.add_argument("--deepspeed", action="store_true", help="wrap the model in DeepSpeed's engine")
+    g.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config",
+                   help="DeepSpeed JSON config (see examples/deepspeed/); 'auto' values come from these flags")
 
     g = p.add_argument_group("validation, logging, checkpoints")
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -324,6 +332,40 @@ def _positive(args, *names):
             raise ArgumentError(f"--{n.replace('_', '-')} must be > 0, got {v}")
 
 
+def _validate_optimizer_sharding(args) -> None:
+    if args.use_distributed_optimizer and not _cuda_available():
+        # Launch scripts pass it routinely, so it is not refused (a Megatron-LM script must run with
+        # only paths changed), but it cannot work: megatron-core's sharded optimizer asserts CUDA
+        # buffers. Say so, and where optimizer sharding on CPU lives.
+        args.use_distributed_optimizer = False
+        args.ignored_flags.append("--use-distributed-optimizer")
+        args.notes.append("--use-distributed-optimizer needs CUDA (megatron-core's sharded optimizer); training "
+                          "continues unsharded. On CPU shard the optimizer with --deepspeed --deepspeed-config "
+                          "examples/deepspeed/zero1.json")
+    if args.deepspeed_config and not args.deepspeed:
+        raise ArgumentError("--deepspeed-config given without --deepspeed")
+    if not args.deepspeed:
+        return
+    if not args.deepspeed_config:
+        raise ArgumentError("--deepspeed needs --deepspeed-config <file.json> (see examples/deepspeed/)")
+    if not os.path.isfile(args.deepspeed_config):
+        raise ArgumentError(f"--deepspeed-config {args.deepspeed_config}: no such file")
+    try:
+        with open(args.deepspeed_config) as f:
+            json.load(f)
+    except json.JSONDecodeError as e:
+        raise ArgumentError(f"--deepspeed-config {args.deepspeed_config}: line {e.lineno}: {e.msg}") from None
+    if args.use_distributed_optimizer:
+        raise ArgumentError("--use-distributed-optimizer and --deepspeed both shard the optimizer; pick one")
+    if args.pipeline_model_parallel_size > 1:
+        raise ArgumentError("--deepspeed with --pipeline-model-parallel-size > 1 is not supported; use Megatron-Core's "
+                            "pipeline schedules without --deepspeed")
+    if args.expert_model_parallel_size > 1:
+        raise ArgumentError("--deepspeed with --expert-model-parallel-size > 1 is not supported yet (DeepSpeed only "
+                            "recognises experts inside its own MoE class); use EP=1 with ZeRO, or EP>1 without "
+                            "--deepspeed")
+
+
 def validate_args(args, world_size: int | None = None) -> None:
     """Check flags and fill derived values in place (Megatron-LM's validate_args, our subset)."""
     args.world_size = ws = _world_size(world_size)
@@ -331,6 +373,7 @@ def validate_args(args, world_size: int | None = None) -> None:
         args.notes = []
     if not hasattr(args, "ignored_flags") or args.ignored_flags is None:
         args.ignored_flags = []
+    _validate_optimizer_sharding(args)
     _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
              "train_iters", "lr")
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",

@@ -73,7 +73,8 @@ def build_model(args, config, model_provider) -> list:
         model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16,  # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
-        overlap_grad_reduce=False, use_distributed_optimizer=False, check_for_nan_in_grad=False,
+        overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
     )
     return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)]
 
@@ -85,9 +86,14 @@ def build_optimizer(args, model):
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32, loss_scale=args.loss_scale,
-        initial_loss_scale=args.initial_loss_scale, use_distributed_optimizer=False,
+        initial_loss_scale=args.initial_loss_scale, use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
+    return optimizer, build_scheduler(args, optimizer)
+
+
+def build_scheduler(args, optimizer):
+    """Megatron-LM's iteration-based OptimizerParamScheduler (steps counted in samples)."""
     gbs = args.global_batch_size
     decay_steps = args.lr_decay_iters * gbs
     if args.lr_warmup_fraction is not None:
@@ -101,7 +107,7 @@ def build_optimizer(args, model):
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
-    return optimizer, scheduler
+    return scheduler
 
 
 def wire_config(config, optimizer) -> None:
@@ -190,12 +196,19 @@ def evaluate(forward_step, dataset, model, args, loss_name="lm loss") -> float:
     for chunk in model:
         chunk.eval()
     total, count = 0.0, 0.0
+    deepspeed_engine = hasattr(model[0], "zero_optimization_stage")  # PP=1: plain micro-batch loop
     for _ in range(args.eval_iters):
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=it, model=model, num_microbatches=get_num_microbatches(),
-            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-            decoder_seq_length=args.seq_length, forward_only=True,
-        )
+        if deepspeed_engine:
+            losses = []
+            for _ in range(get_num_microbatches()):
+                output, loss_func = forward_step(it, model[0])
+                losses.append(loss_func(output)[2])
+        else:
+            losses = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=it, model=model,
+                num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size, decoder_seq_length=args.seq_length, forward_only=True,
+            )
         s, n = reduce_losses(losses, loss_name)
         total, count = total + s, count + n
     for chunk in model:
@@ -231,19 +244,31 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
                  f"{args.tensor_model_parallel_size} | pipeline-parallel {args.pipeline_model_parallel_size} | "
                  f"expert-parallel {args.expert_model_parallel_size} | micro-batches per step {get_num_microbatches()}")
 
+    ds = None
+    if args.deepspeed:
+        from selfmoe.training import deepspeed_backend as ds
     if args.load:
-        checkpointing.check_resume_compatible(args.load, config)
-    model = build_model(args, config, model_provider)
-    optimizer, scheduler = build_optimizer(args, model)
-    wire_config(config, optimizer)
+        (ds or checkpointing).check_resume_compatible(args.load, config)
+    if ds:
+        engine, optimizer = ds.build(args, config, model_provider)
+        model, scheduler = [engine], build_scheduler(args, optimizer)
+        logger.print(f"DeepSpeed ZeRO stage {engine.zero_optimization_stage()} ({args.deepspeed_config})")
+    else:
+        model = build_model(args, config, model_provider)
+        optimizer, scheduler = build_optimizer(args, model)
+        wire_config(config, optimizer)
     E = config.num_moe_experts
     logger.print_parameter_counts(parameter_counts(model, config), config.moe_router_type if E else None)
 
     state = TrainState()
     if args.load:
-        loaded = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler, config,
-                                               load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
-                                               finetune=args.finetune)
+        if ds:
+            loaded = ds.load(args.load, model[0], scheduler, config, load_optim=not args.no_load_optim,
+                             load_rng=not args.no_load_rng)
+        else:
+            loaded = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler, config,
+                                                   load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
+                                                   finetune=args.finetune)
         if loaded is None:
             logger.print(f"no checkpoint in {args.load}: training from scratch")
         else:
@@ -270,9 +295,13 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
 
     def save():  # Megatron-LM order: train step, log, validate, then save
         t0 = time.time()
-        state.last_checkpoint = checkpointing.save_checkpoint(
-            args.save, state.iteration, model, optimizer, scheduler, config,
-            consumed_train_samples=state.consumed_train_samples, args_dict=_plain_args(args))
+        if ds:
+            state.last_checkpoint = ds.save(args.save, state.iteration, model[0], scheduler, config,
+                                            state.consumed_train_samples)
+        else:
+            state.last_checkpoint = checkpointing.save_checkpoint(
+                args.save, state.iteration, model, optimizer, scheduler, config,
+                consumed_train_samples=state.consumed_train_samples, args_dict=_plain_args(args))
         state.last_saved = state.iteration
         logger.print(f"saved checkpoint {state.last_checkpoint} ({time.time() - t0:.1f}s)")
 
@@ -281,8 +310,11 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         chunk.train()
     while state.iteration < args.train_iters:
         t0 = time.time()
-        loss, grad_norm, skipped = train_step(forward_step, train_iter, model, optimizer, scheduler, args, config,
-                                              loss_name)
+        if ds:
+            loss, grad_norm, skipped = ds.train_step(forward_step, train_iter, model[0], scheduler, args, config)
+        else:
+            loss, grad_norm, skipped = train_step(forward_step, train_iter, model, optimizer, scheduler, args, config,
+                                                  loss_name)
         step_seconds = time.time() - t0
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size

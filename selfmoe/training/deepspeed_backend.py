@@ -1,0 +1,119 @@
+"""The `--deepspeed` path of the shared loop: DeepSpeed's engine does backward, reduction and step.
+
+Same data order, loss, logging, routing metrics and lr schedule (Megatron's OptimizerParamScheduler
+on the engine's param groups) as the Megatron-Core path; what changes is who owns the gradients.
+Pipeline and expert parallelism are refused by argument validation (see deepspeed_utils).
+Checkpoints are DeepSpeed's own (`<save>/iter_XXXXXXX/` + DeepSpeed's `latest` file), so
+DeepSpeed's tools (zero_to_fp32, ds_to_universal) work on them; our state rides in client_state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from selfmoe import deepspeed_utils
+from selfmoe.config import config_fingerprint
+from selfmoe.training import checkpointing
+
+
+def build(args, config, model_provider):
+    """(engine, optimizer): the whole model (PP=1) wrapped by deepspeed.initialize."""
+    model = model_provider(config, pre_process=True, post_process=True, vp_stage=None)
+
+    def make_optimizer(groups):
+        if args.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                                 weight_decay=args.weight_decay)
+
+    engine, optimizer = deepspeed_utils.initialize(
+        model, args.deepspeed_config, weight_decay=args.weight_decay, optimizer=make_optimizer,
+        micro_batch_size=args.micro_batch_size, grad_accum=get_num_microbatches(), bf16=args.bf16,
+        clip_grad=args.clip_grad)
+    if engine.gradient_accumulation_steps() != get_num_microbatches():
+        raise ValueError(f"--deepspeed-config {args.deepspeed_config}: gradient_accumulation_steps "
+                         f"{engine.gradient_accumulation_steps()} but --global-batch-size needs "
+                         f"{get_num_microbatches()}; use \"auto\"")
+    if engine.train_micro_batch_size_per_gpu() != args.micro_batch_size:
+        raise ValueError(f"--deepspeed-config {args.deepspeed_config}: train_micro_batch_size_per_gpu "
+                         f"{engine.train_micro_batch_size_per_gpu()} but --micro-batch-size is "
+                         f"{args.micro_batch_size}; use \"auto\"")
+    return engine, optimizer
+
+
+def train_step(forward_step, data_iterator, engine, scheduler, args, config):
+    """One global batch: forward/backward per micro-batch, DeepSpeed steps at the boundary.
+
+    Returns (loss, grad norm, skipped). DeepSpeed cannot un-take a step, so a NaN/Inf loss is
+    reported (skipped=False, loss NaN) and the loop's consecutive-NaN rule stops the run.
+    """
+    nmb = get_num_microbatches()
+    # engine.backward divides the loss by the accumulation steps; aux losses get the same scale
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / nmb))
+    stats = torch.zeros(2, dtype=torch.float64)
+    for _ in range(nmb):
+        output, loss_func = forward_step(data_iterator, engine)
+        loss_sum, num_tokens, report = loss_func(output)
+        engine.backward(loss_sum / num_tokens.clamp(min=1))
+        engine.step()
+        stats += next(iter(report.values())).detach().double().view(-1)[:2]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+    loss = float(stats[0] / stats[1].clamp(min=1))
+    scheduler.step(increment=args.global_batch_size)
+    if config.num_moe_experts and config.moe_router_type == "routing-free":
+        from selfmoe.routers.routing_free import update_balance_coefficient
+
+        update_balance_coefficient(engine.module)
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    return (loss if math.isfinite(loss) else float("nan")), grad_norm, False
+
+
+def tag(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def save(root: str, iteration: int, engine, scheduler, config, consumed_train_samples: int) -> str:
+    client = {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
+              "opt_param_scheduler": scheduler.state_dict(), "rng_state": checkpointing.rng_state(),
+              "config": config_fingerprint(config), "world_size": dist.get_world_size()}
+    engine.save_checkpoint(root, tag=tag(iteration), client_state=client)  # writes `latest` last
+    return os.path.join(root, tag(iteration))
+
+
+def check_resume_compatible(root: str, config) -> None:
+    """Before the model is built: the checkpoint's model config must match this run's."""
+    latest = os.path.join(root, "latest")
+    if not os.path.isfile(latest):
+        return
+    path = os.path.join(root, open(latest).read().strip())
+    states = os.path.join(path, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(states):
+        raise checkpointing.CheckpointError(f"{latest} names {path}, which holds no mp_rank_00_model_states.pt")
+    saved = torch.load(states, map_location="cpu", weights_only=False).get("config", {})
+    checkpointing.check_config_compatible(saved, config, path)
+
+
+def load(root: str, engine, scheduler, config, *, load_optim: bool, load_rng: bool) -> dict | None:
+    if not os.path.isfile(os.path.join(root, "latest")):
+        return None
+    path, client = engine.load_checkpoint(root, load_optimizer_states=load_optim, load_lr_scheduler_states=False,
+                                          load_module_strict=True)
+    if path is None:
+        raise checkpointing.CheckpointError(f"DeepSpeed could not load a checkpoint from {root}")
+    checkpointing.check_config_compatible(client.get("config", {}), config, path)
+    if load_optim:
+        scheduler.load_state_dict(client["opt_param_scheduler"])
+    load_rng = load_rng and client.get("world_size") == dist.get_world_size()
+    if load_rng:
+        checkpointing.set_rng_state(client["rng_state"])  # rank 0's: DeepSpeed stores one client state
+    return {"iteration": int(client["iteration"]), "consumed_train_samples": int(client["consumed_train_samples"]),
+            "path": path, "loaded_optim": load_optim, "loaded_rng": load_rng}
