@@ -1,0 +1,73 @@
+"""pretrain_gpt.py on 2 gloo ranks, per router whose state crosses ranks: the same losses as 1 rank.
+
+Routing-Free's lambda follows the density all-reduced over every rank and MoE layer: under PP=2
+each stage holds half the layers, under TP=2+SP each rank half the tokens, under EP=2 each rank
+its own data. With a fast-moving lambda (eta 0.5, lambda0 0.05) a wrong reduction group changes
+the loss within a few steps. Hash routing needs the token ids on the second pipeline stage too.
+Same weights in every layout: a 1-rank checkpoint, resharded on load by dist_checkpointing.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
+        "--log-interval", "1", "--disable-bias-linear", "--num-experts", "4", "--hidden-dropout", "0",
+        "--attention-dropout", "0", "--eval-iters", "0", "--lr-warmup-iters", "0", "--mock-data",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
+ROUTERS = {
+    "routing-free": ["--moe-router-type", "routing-free", "--routing-free-rank", "8", "--routing-free-lambda0", "0.05",
+                     "--routing-free-eta", "0.5"],
+    "hash": ["--moe-router-type", "hash"],
+}
+LAYOUTS = {
+    "pipeline-2": ["--pipeline-model-parallel-size", "2"],
+    "tensor-2+sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "expert-2-alltoall": ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"],
+}
+CASES = [("routing-free", layout) for layout in LAYOUTS] + [("hash", "pipeline-2")]
+pytestmark = pytest.mark.slow
+_cache: dict = {}
+
+
+def run(argv, nproc=1):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc-per-node", str(nproc)]
+    p = subprocess.run([*launcher, "pretrain_gpt.py", *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def tb_losses(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir))
+    ea.Reload()
+    return {e.step: e.value for e in ea.Scalars("lm loss")}
+
+
+def reference(router, tmp_path_factory):
+    """(checkpoint after 1 iteration, losses of 4 more iterations on 1 rank)."""
+    if router not in _cache:
+        d = tmp_path_factory.mktemp(f"ref-{router}")
+        run(BASE + ROUTERS[router] + ["--train-iters", "1", "--save", str(d / "ckpt")])
+        run(BASE + ROUTERS[router] + ["--train-iters", "4", "--finetune", "--load", str(d / "ckpt"),
+                                      "--tensorboard-dir", str(d / "tb")])
+        _cache[router] = d / "ckpt", tb_losses(d / "tb")
+    return _cache[router]
+
+
+@pytest.mark.parametrize("router,layout", CASES)
+def test_layout_matches_one_rank(router, layout, tmp_path, tmp_path_factory):
+    ckpt, ref = reference(router, tmp_path_factory)
+    run(BASE + ROUTERS[router] + LAYOUTS[layout] + ["--train-iters", "4", "--finetune", "--load", str(ckpt),
+                                                    "--tensorboard-dir", str(tmp_path / "tb")], nproc=2)
+    got = tb_losses(tmp_path / "tb")
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    assert got == pytest.approx(ref, rel=1e-5)
