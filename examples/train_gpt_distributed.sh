@@ -46,7 +46,7 @@ exec "$PYTHON" -m torch.distributed.run \
   pretrain_gpt.py ${MODEL_ARGS} ${MOE_ARGS} ${PAR_ARGS} ${DATA_ARGS} \
   --micro-batch-size "${MICRO_BATCH}" --global-batch-size "${GLOBAL_BATCH}" --train-iters "${TRAIN_ITERS}" \
   --lr ${LR:-6e-4} --min-lr ${MIN_LR:-6e-5} --lr-decay-style cosine --lr-warmup-iters ${WARMUP:-200} \
-  --weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 --init-method-std 0.02 \
+  --weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 --init-method-std 0.02 --disable-bias-linear \
   --log-interval ${LOG_INTERVAL:-10} --eval-interval ${EVAL_INTERVAL:-500} --eval-iters ${EVAL_ITERS:-20} \
   --save "${SAVE_DIR:-checkpoints/${RUN_NAME}}" --load "${SAVE_DIR:-checkpoints/${RUN_NAME}}" \
   --save-interval ${SAVE_INTERVAL:-1000} --tensorboard-dir "${TB_DIR:-runs/${RUN_NAME}}" \
