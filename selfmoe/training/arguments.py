@@ -57,7 +57,7 @@ LEGACY_DEFAULT_SPLIT = "969, 30, 1"  # what Megatron-LM uses when --data-path co
 # bundled Shakespeare corpus in a few minutes on 2 CPU cores. Any flag given still wins.
 DEMO_DEFAULTS = dict(
     num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=128, max_position_embeddings=128,
-    num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=256, ffn_hidden_size=256,
+    num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=256, ffn_hidden_size=256, moe_router_type="self",
     micro_batch_size=8, train_iters=300, lr=2e-3, min_lr=2e-4,
     lr_decay_style="cosine", lr_warmup_fraction=0.1, weight_decay=0.1, adam_beta2=0.95,
     hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False, init_method_std=0.02,
@@ -226,7 +226,9 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--moe-layer-freq", default="1")
 
     g = p.add_argument_group("routers (selfmoe)")
-    g.add_argument("--moe-router-type", choices=ROUTER_TYPES, default="self")
+    # Default: Megatron's learned router, so a Megatron-LM MoE script means the same model here;
+    # the demo (no model flags) defaults to Self-Routing.
+    g.add_argument("--moe-router-type", choices=ROUTER_TYPES, default="learned")
     g.add_argument("--self-routing-subspace", default="last", help="last | first | comma-separated channel ids")
     g.add_argument("--self-routing-temperature", type=float, default=1.0)
     g.add_argument("--routing-free-rank", type=int, default=32)

@@ -139,8 +139,11 @@ def test_no_experts_is_dense_and_router_flags_reach_config():
                               "--routing-free-density-target", "0.5", "--routing-free-theta", "0.7"]))
     assert (c.moe_router_type, c.routing_free_rank, c.routing_free_density_target, c.routing_free_theta) == \
         ("routing-free", 8, 0.5, 0.7)
-    c = args_to_config(parse(["--num-experts", "4", "--disable-bias-linear", "--self-routing-subspace", "0,5,9,63"]))
+    c = args_to_config(parse(["--num-experts", "4", "--disable-bias-linear", "--moe-router-type", "self",
+                              "--self-routing-subspace", "0,5,9,63"]))
     assert (c.moe_router_type, tuple(c.self_routing_subspace)) == ("self", (0, 5, 9, 63))
+    # with model flags and no --moe-router-type: Megatron's learned router, as the script meant
+    assert args_to_config(parse(["--num-experts", "4", "--disable-bias-linear"])).moe_router_type == "learned"
 
 
 def test_moe_without_disable_bias_linear_drops_biases_with_a_note():
@@ -225,7 +228,7 @@ def test_megatron_gpt3_launch_script_parses(tmp_path):
 # --------------------------------------------------------------- in-process error messages
 
 @pytest.mark.parametrize("extra,world,flag", [
-    (["--num-experts", "128", "--hidden-size", "64", "--disable-bias-linear"], 1, "--num-experts"),
+    (["--num-experts", "128", "--hidden-size", "64", "--disable-bias-linear", "--moe-router-type", "self"], 1, "--num-experts"),
     (["--num-experts", "4", "--moe-router-topk", "5", "--disable-bias-linear"], 1, "--moe-router-topk"),
     (["--tensor-model-parallel-size", "2"], 3, "--tensor-model-parallel-size"),
     (["--num-experts", "3", "--moe-router-topk", "1", "--expert-model-parallel-size", "2",
@@ -233,7 +236,7 @@ def test_megatron_gpt3_launch_script_parses(tmp_path):
     (["--global-batch-size", "7"], 1, "--global-batch-size"),
     (["--min-lr", "1"], 1, "--min-lr"),
     (["--num-experts", "4", "--moe-router-type", "routing-free", "--routing-free-mu", "2"], 1, "--routing-free-mu"),
-    (["--num-experts", "4", "--disable-bias-linear", "--self-routing-subspace", "1,2,3"], 1,
+    (["--num-experts", "4", "--disable-bias-linear", "--moe-router-type", "self", "--self-routing-subspace", "1,2,3"], 1,
      "--self-routing-subspace"),
     (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters"),
 ])
@@ -245,7 +248,7 @@ def test_validation_errors_name_the_flag(extra, world, flag):
 # -------------------------------------------------------- subprocess: one line, exit code 2
 
 CLI_ERRORS = {
-    "self-routing-E>H": (["--num-experts", "256"], {}, "--num-experts"),
+    "self-routing-E>H": (["--num-experts", "256", "--moe-router-type", "self"], {}, "--num-experts"),
     "topk>E": (["--moe-router-topk", "9"], {}, "--moe-router-topk"),
     "world%tp": (["--tensor-model-parallel-size", "2"], {"WORLD_SIZE": "3"}, "--tensor-model-parallel-size"),
     "E%ep": (["--num-experts", "6", "--expert-model-parallel-size", "4"], {"WORLD_SIZE": "4"},
