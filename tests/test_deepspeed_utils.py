@@ -59,6 +59,15 @@ def _worker(rank, port, out, router, ckpt_dir):
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ps.initialize_model_parallel(1, 1)
+    def step(engine, ids):
+        """One optimizer step on this rank's half of the global batch; returns the global mean loss."""
+        loss = lm_loss(engine, ids[rank * 2:(rank + 1) * 2])
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return total.item() / 2
+
     res = {}
     data = batches(router)
     for stage in (0, 1, 2, 3):
@@ -72,27 +81,14 @@ def _worker(rank, port, out, router, ckpt_dir):
                 if rank == 0:
                     torch.save({k: v.detach().clone() for k, v in engine.module.named_parameters()},
                                os.path.join(ckpt_dir, "weights_step3.pt"))
-            loss = lm_loss(engine, ids[rank * 2:(rank + 1) * 2])
-            engine.backward(loss)
-            engine.step()
-            total = loss.detach().clone()
-            dist.all_reduce(total)
-            losses.append(total.item() / 2)
+            losses.append(step(engine, ids))
         res[f"zero{stage}"] = losses
     # resume ZeRO-2 from the step-3 checkpoint: the last steps repeat exactly
     tensor_parallel.model_parallel_cuda_manual_seed(1)
     torch.manual_seed(999)  # different init: everything must come from the checkpoint
     engine, _ = deepspeed_utils.initialize(build_gpt_model(tiny_config(router)), ds_config(2))
     engine.load_checkpoint(ckpt_dir, tag="step3")
-    resumed = []
-    for ids in data[STEPS:]:
-        loss = lm_loss(engine, ids[rank * 2:(rank + 1) * 2])
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        resumed.append(total.item() / 2)
-    res["zero2_resumed"] = resumed
+    res["zero2_resumed"] = [step(engine, ids) for ids in data[STEPS:]]
     if rank == 0:
         with open(out, "w") as f:
             json.dump(res, f)

@@ -544,6 +544,16 @@ def _sigterm_as_exit():
         signal.signal(signal.SIGTERM, old)
 
 
+# What the data CLIs report as one `error:` line (exit 1) instead of a traceback.
+USER_ERRORS = (UsageError, TokenizerError, DataError, OSError)
+
+
+def report_user_error(e: Exception) -> int:
+    msg = f"{e.filename or ''}: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
 def main(argv=None):
     args = get_args(argv)
     try:
@@ -553,12 +563,8 @@ def main(argv=None):
             preprocess(args.input, args.output_prefix, tokenizer, json_keys=args.json_keys,
                        input_format=args.input_format, append_eod=args.append_eod, workers=args.workers,
                        log_interval=args.log_interval, skip_bad_lines=args.skip_bad_lines, hf_split=args.hf_split)
-    except (UsageError, TokenizerError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:
+        return report_user_error(e)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -309,7 +309,7 @@ def train_tokenizer_main(argv=None):
     import argparse
     import sys
 
-    from selfmoe.data.preprocess import DataError, UsageError, add_input_args, check_inputs, iter_documents
+    from selfmoe.data.preprocess import USER_ERRORS, add_input_args, check_inputs, iter_documents, report_user_error
     parser = argparse.ArgumentParser(
         description="Train a SentencePiece model ({output-prefix}.model/.vocab) on jsonl/text/parquet/hf "
                     "inputs, read exactly as tools/preprocess_data.py reads them. Each non-empty line of "
@@ -330,12 +330,8 @@ def train_tokenizer_main(argv=None):
         docs = iter_documents(args.input, args.input_format, args.json_keys, args.hf_split, args.skip_bad_lines)
         path = train_sentencepiece(docs, args.output_prefix, args.vocab_size, args.model_type,
                                    args.character_coverage, args.input_sentence_size, args.byte_fallback)
-    except (UsageError, TokenizerError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:
+        return report_user_error(e)
     sp = SentencePieceTokenizer(path)
     print(f"wrote {path} ({args.model_type}, vocab_size={sp.vocab_size}, eod={sp.eod})", file=sys.stderr)
     return 0
