@@ -9,6 +9,8 @@ expert gradients over the wrong ranks when EP>1.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 
@@ -147,12 +149,15 @@ def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler
     if ps.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError("--deepspeed with --pipeline-model-parallel-size > 1 is not supported; "
                          "use Megatron-Core's pipeline schedules without --deepspeed")
-    if ps.get_expert_model_parallel_world_size() > 1:
-        # DeepSpeed only treats parameters as experts (groups, broadcast, checkpoint files) inside
-        # its own deepspeed.moe.layer.MoE class; Megatron-Core's MoELayer is not one.
-        raise ValueError("--deepspeed with --expert-model-parallel-size > 1 is not supported yet; "
-                         "use EP=1 with ZeRO, or EP>1 without --deepspeed")
     cfg = resolve_auto(load_config(ds_config), micro_batch_size, grad_accum, bf16, clip_grad)
+    ep = ps.get_expert_model_parallel_world_size()
+    if ep > 1 and int(cfg.get("zero_optimization", {}).get("stage", 0)) == 3:
+        # DeepSpeed partitions experts under stage 3 only for its own AutoEP layers
+        raise ValueError("--deepspeed ZeRO stage 3 with --expert-model-parallel-size > 1 is not supported "
+                         "(DeepSpeed shards experts under stage 3 only for its AutoEP layers); use stage 1 or 2")
+    if ep > 1 and ps.get_expert_tensor_parallel_world_size() != ps.get_tensor_model_parallel_world_size():
+        raise ValueError("--deepspeed with --expert-model-parallel-size > 1 needs --expert-tensor-parallel-size "
+                         "equal to --tensor-model-parallel-size")
     from selfmoe import cpu_compat
 
     if cpu_compat.is_applied():
@@ -167,8 +172,102 @@ def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler
         if optimizer is None:
             raise ValueError("DeepSpeed config has no \"optimizer\" section and no optimizer was given")
         client_opt = optimizer(groups)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, optimizer=client_opt, config=cfg,
-        mpu=MegatronMPU(), lr_scheduler=lr_scheduler, dist_init_required=False,
-    )
+    with _engine_class(megatron_moe_engine_class() if ep > 1 else None):
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=client_opt, config=cfg,
+            mpu=MegatronMPU(), lr_scheduler=lr_scheduler, dist_init_required=False,
+        )
     return engine, optimizer
+
+
+@contextlib.contextmanager
+def _engine_class(cls):
+    """Have deepspeed.initialize build `cls` (a DeepSpeedEngine subclass) instead of DeepSpeedEngine.
+
+    deepspeed.initialize takes no engine class; it looks `DeepSpeedEngine` up in the deepspeed
+    package namespace, so that name is swapped for the call and restored after.
+    """
+    import deepspeed
+
+    if cls is None:
+        yield
+        return
+    orig = deepspeed.DeepSpeedEngine
+    deepspeed.DeepSpeedEngine = cls
+    try:
+        yield
+    finally:
+        deepspeed.DeepSpeedEngine = orig
+
+
+def _expert_prefixes(module) -> list[str]:
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+
+    return [f"{n}.experts." if n else "experts." for n, m in module.named_modules() if isinstance(m, BaseMoELayer)]
+
+
+@functools.cache
+def megatron_moe_engine_class():
+    """The class is built on first use: it subclasses DeepSpeedEngine, and importing deepspeed is slow."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class MegatronMoEEngine(DeepSpeedEngine):
+        """DeepSpeedEngine that treats Megatron-Core MoELayer experts as DeepSpeed MoE experts (EP>1).
+
+        DeepSpeed switches its expert handling (ZeRO partitions and reductions over the
+        expert-data-parallel group, per-EP-rank checkpoint files) on only when it finds its own
+        `deepspeed.moe.layer.MoE` modules. The parameter-level part needs no help: the expert
+        parameters carry `allreduce=False` and `group_name` (mark_expert_params) and the groups are
+        registered (register_expert_groups). What this class adds: the switch, and checkpoint files
+        for Megatron's expert modules, one per (EP rank, expert-TP rank), written by expert-DP rank 0.
+        """
+
+        def _configure_distributed_model(self, model):
+            super()._configure_distributed_model(model)
+            layers = moe_layers(self.module)
+            self.has_moe_layers = bool(layers)
+            self.num_experts = [layer.config.num_moe_experts for layer in layers]
+
+        def _megatron_experts_path(self, save_dir, tag):
+            ep, etp = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+            return os.path.join(save_dir, str(tag), f"expp_rank_{ep}_mp_rank_{etp:02d}_megatron_experts.pt")
+
+        def _get_non_moe_state_dict(self, full_state_dict):
+            prefixes = tuple(_expert_prefixes(self.module))
+            return {k: v for k, v in full_state_dict.items() if not k.startswith(prefixes)}
+
+        def _save_moe_checkpoint(self, save_dir, tag, client_state={}, exclude_frozen_parameters=False):
+            if ps.get_expert_data_parallel_rank() == 0:
+                prefixes = tuple(_expert_prefixes(self.module))
+                experts = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in self.module.state_dict().items()
+                           if k.startswith(prefixes)}
+                experts["_layout"] = {"ep_size": ps.get_expert_model_parallel_world_size(),
+                                      "etp_size": ps.get_expert_tensor_parallel_world_size()}
+                self.checkpoint_engine.save(experts, self._megatron_experts_path(save_dir, tag))
+            super()._save_moe_checkpoint(save_dir, tag, client_state=client_state,
+                                         exclude_frozen_parameters=exclude_frozen_parameters)
+
+        def _load_checkpoint(self, load_dir, tag, *args, **kwargs):
+            self._megatron_experts_load = self._megatron_experts_path(load_dir, tag)
+            try:
+                return super()._load_checkpoint(load_dir, tag, *args, **kwargs)
+            finally:
+                self._megatron_experts_load = None
+
+        def load_module_state_dict(self, checkpoint, *args, **kwargs):
+            path = getattr(self, "_megatron_experts_load", None)
+            if path is not None:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{path}: no expert states for this rank (was the checkpoint saved "
+                                            "with the same --expert-model-parallel-size?)")
+                experts = torch.load(path, map_location="cpu", weights_only=False)
+                layout = experts.pop("_layout")
+                want = {"ep_size": ps.get_expert_model_parallel_world_size(),
+                        "etp_size": ps.get_expert_tensor_parallel_world_size()}
+                if layout != want:
+                    raise ValueError(f"{path}: saved with expert layout {layout}, this run has {want}")
+                checkpoint["module"].update(experts)
+            return super().load_module_state_dict(checkpoint, *args, **kwargs)
+
+    return MegatronMoEEngine
+

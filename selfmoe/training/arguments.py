@@ -354,7 +354,7 @@ def _validate_optimizer_sharding(args) -> None:
         raise ArgumentError(f"--deepspeed-config {args.deepspeed_config}: no such file")
     try:
         with open(args.deepspeed_config) as f:
-            json.load(f)
+            ds = json.load(f)
     except json.JSONDecodeError as e:
         raise ArgumentError(f"--deepspeed-config {args.deepspeed_config}: line {e.lineno}: {e.msg}") from None
     if args.use_distributed_optimizer:
@@ -363,9 +363,15 @@ def _validate_optimizer_sharding(args) -> None:
         raise ArgumentError("--deepspeed with --pipeline-model-parallel-size > 1 is not supported; use Megatron-Core's "
                             "pipeline schedules without --deepspeed")
     if args.expert_model_parallel_size > 1:
-        raise ArgumentError("--deepspeed with --expert-model-parallel-size > 1 is not supported yet (DeepSpeed only "
-                            "recognises experts inside its own MoE class); use EP=1 with ZeRO, or EP>1 without "
-                            "--deepspeed")
+        stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds, dict) else 0
+        if str(stage) == "3":
+            raise ArgumentError(f"--deepspeed-config {args.deepspeed_config}: ZeRO stage 3 with "
+                                "--expert-model-parallel-size > 1 is not supported (DeepSpeed shards experts under "
+                                "stage 3 only for its AutoEP layers); use stage 1 or 2")
+        etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+        if etp != args.tensor_model_parallel_size:
+            raise ArgumentError("--deepspeed with --expert-model-parallel-size > 1 needs --expert-tensor-parallel-size "
+                                "equal to --tensor-model-parallel-size")
 
 
 def validate_args(args, world_size: int | None = None) -> None:

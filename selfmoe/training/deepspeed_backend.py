@@ -2,7 +2,7 @@
 
 Same data order, loss, logging, routing metrics and lr schedule (Megatron's OptimizerParamScheduler
 on the engine's param groups) as the Megatron-Core path; what changes is who owns the gradients.
-Pipeline and expert parallelism are refused by argument validation (see deepspeed_utils).
+Pipeline parallelism, and expert parallelism under ZeRO-3, are refused by argument validation.
 Checkpoints are DeepSpeed's own (`<save>/iter_XXXXXXX/` + DeepSpeed's `latest` file), so
 DeepSpeed's tools (zero_to_fp32, ds_to_universal) work on them; our state rides in client_state.
 """
@@ -84,7 +84,8 @@ def tag(iteration: int) -> str:
 def save(root: str, iteration: int, engine, scheduler, config, consumed_train_samples: int) -> str:
     client = {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
               "opt_param_scheduler": scheduler.state_dict(), "rng_state": checkpointing.rng_state(),
-              "config": config_fingerprint(config), "world_size": dist.get_world_size()}
+              "config": config_fingerprint(config), "world_size": dist.get_world_size(),
+              "expert_model_parallel_size": config.expert_model_parallel_size}
     engine.save_checkpoint(root, tag=tag(iteration), client_state=client)  # writes `latest` last
     return os.path.join(root, tag(iteration))
 
@@ -98,8 +99,14 @@ def check_resume_compatible(root: str, config) -> None:
     states = os.path.join(path, "mp_rank_00_model_states.pt")
     if not os.path.isfile(states):
         raise checkpointing.CheckpointError(f"{latest} names {path}, which holds no mp_rank_00_model_states.pt")
-    saved = torch.load(states, map_location="cpu", weights_only=False).get("config", {})
-    checkpointing.check_config_compatible(saved, config, path)
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    checkpointing.check_config_compatible(saved.get("config", {}), config, path)
+    ep = saved.get("expert_model_parallel_size", 1)
+    if ep != config.expert_model_parallel_size:
+        # each EP rank's experts are in their own file; DeepSpeed has no resharding for them
+        raise checkpointing.CheckpointError(
+            f"cannot resume from {path}: saved with --expert-model-parallel-size {ep}, this run has "
+            f"{config.expert_model_parallel_size}; a DeepSpeed checkpoint resumes with the same expert layout")
 
 
 def load(root: str, engine, scheduler, config, *, load_optim: bool, load_rng: bool) -> dict | None:

@@ -17,7 +17,6 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
          "--train-iters", "6", "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1",
          "--eval-iters", "0", "--disable-bias-linear", "--num-experts", "4", "--moe-router-type", "routing-free",
          "--routing-free-rank", "8", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
-pytestmark = pytest.mark.slow
 
 
 def torchrun(tmp_path, name, *extra):
@@ -34,6 +33,7 @@ def torchrun(tmp_path, name, *extra):
     return {e.step: e.value for e in ea.Scalars("lm loss")}, p.stdout
 
 
+@pytest.mark.slow
 def test_zero_stages_follow_megatron_path_and_resume(tmp_path):
     ref, _ = torchrun(tmp_path, "megatron")
     assert sorted(ref) == list(range(1, 7))
@@ -42,6 +42,15 @@ def test_zero_stages_follow_megatron_path_and_resume(tmp_path):
                             os.path.join(REPO, "examples", "deepspeed", f"zero{stage}.json"))
         assert f"DeepSpeed ZeRO stage {stage}" in out
         assert got == pytest.approx(ref, rel=1e-5), stage
+    # EP=2 under ZeRO-2 (each rank holds half the experts) follows the Megatron-Core path at EP=2.
+    # Not the EP=1 curve: Megatron seeds expert init per EP rank, so EP=2 starts from other expert
+    # weights; EP=2 == EP=1 from the same weights is tests/test_deepspeed_utils.py's job.
+    ep2 = ["--expert-model-parallel-size", "2"]
+    ref_ep2, _ = torchrun(tmp_path, "megatron-ep2", *ep2)
+    got, out = torchrun(tmp_path, "zero2-ep2", *ep2, "--deepspeed", "--deepspeed-config",
+                        os.path.join(REPO, "examples", "deepspeed", "zero2.json"))
+    assert "DeepSpeed ZeRO stage 2" in out
+    assert got == pytest.approx(ref_ep2, rel=1e-5)
     # stop after iteration 3 (saving), resume to 6: the same losses as the uninterrupted ZeRO-2 run
     ds = ["--deepspeed", "--deepspeed-config", os.path.join(REPO, "examples", "deepspeed", "zero2.json"),
           "--save", str(tmp_path / "ck"), "--save-interval", "3"]
@@ -52,6 +61,7 @@ def test_zero_stages_follow_megatron_path_and_resume(tmp_path):
     assert {**first, **second} == pytest.approx(ref, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_deepspeed_flag_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 2},\n "oops"}\n')
@@ -60,11 +70,32 @@ def test_deepspeed_flag_errors_are_one_line(tmp_path):
         ("--deepspeed", "--deepspeed_config", str(bad)): f"error: --deepspeed-config {bad}: line 2: ",
         ("--deepspeed", "--deepspeed-config", str(tmp_path / "none.json")):
             f"error: --deepspeed-config {tmp_path / 'none.json'}: no such file",
-        ("--deepspeed", "--deepspeed-config", os.path.join(REPO, "examples", "deepspeed", "zero2.json"),
-         "--expert-model-parallel-size", "2"): "error: --deepspeed with --expert-model-parallel-size > 1",
+        ("--deepspeed", "--deepspeed-config", os.path.join(REPO, "examples", "deepspeed", "zero3.json"),
+         "--expert-model-parallel-size", "2"): "error: --deepspeed-config " + os.path.join(
+             REPO, "examples", "deepspeed", "zero3.json") + ": ZeRO stage 3 with --expert-model-parallel-size > 1",
     }
     for extra, want in cases.items():
         p = subprocess.run([sys.executable, "pretrain_gpt.py", *FLAGS, *extra], cwd=REPO, capture_output=True,
                            text=True, timeout=120)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(want), (extra, p.stderr[-1500:])
+
+
+def test_resume_with_another_expert_layout_is_refused(tmp_path):
+    """Each EP rank's experts sit in their own file: a DeepSpeed checkpoint saved at EP=2 cannot
+    feed an EP=1 run, and says so before any model is built."""
+    import torch
+
+    from helpers import tiny_config
+    from selfmoe.config import config_fingerprint
+    from selfmoe.training import deepspeed_backend
+    from selfmoe.training.checkpointing import CheckpointError
+
+    config = tiny_config("self")
+    (tmp_path / "iter_0000003").mkdir()
+    (tmp_path / "latest").write_text("iter_0000003")
+    torch.save({"config": config_fingerprint(config), "expert_model_parallel_size": 2},
+               tmp_path / "iter_0000003" / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="saved with --expert-model-parallel-size 2, this run has 1"):
+        deepspeed_backend.check_resume_compatible(str(tmp_path), config)
+    deepspeed_backend.check_resume_compatible(str(tmp_path), tiny_config("self", expert_model_parallel_size=2))
