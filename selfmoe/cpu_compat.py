@@ -289,6 +289,35 @@ def _patch_uneven_collectives():
     mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
 
 
+# --------------------------------------------------------------------------------------------
+# 9. optimizer tensor types: megatron-core's distributed and float16 optimizers sort parameters
+#    by `param.type()` against 'torch.cuda.FloatTensor' / '...HalfTensor' / '...BFloat16Tensor'
+#    and raise on anything else. While their constructors run, CPU tensors answer with the CUDA
+#    name of the same dtype.
+# --------------------------------------------------------------------------------------------
+class _CudaTypeNameMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].device.type == "cpu":
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+def _patch_optimizer_tensor_types():
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for cls in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, __init=init, **kwargs):
+            with _CudaTypeNameMode():
+                __init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+
+
 _REDIRECTS = (
     ("rng_tracker", _patch_rng_tracker),
     ("torch_cuda", _patch_torch_cuda),
@@ -297,6 +326,7 @@ _REDIRECTS = (
     ("sp_norm", _patch_sp_norm),
     ("missing_te_names", _patch_missing_te_names),
     ("uneven_sp_collectives", _patch_uneven_collectives),
+    ("optimizer_tensor_types", _patch_optimizer_tensor_types),
 )
 
 

@@ -82,6 +82,25 @@ def spot_missing_te_names():
     torch.testing.assert_close(router_gating_linear(x, w, None, torch.float32), x @ w.t())
 
 
+def spot_optimizer_tensor_types():
+    from helpers import tiny_config
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from selfmoe.model import build_gpt_model
+
+    cfg = tiny_config("self")
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True),
+                                  build_gpt_model(cfg))
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True), [ddp])
+    assert {type(o).__name__ for o in opt.chained_optimizers} == {"DistributedOptimizer"}
+    before = [p.detach().clone() for p in ddp.parameters()]
+    ids = torch.randint(0, 64, (2, 16))
+    ddp(ids, torch.arange(16)[None].expand(2, 16), None, labels=ids).mean().backward()
+    ddp.finish_grad_sync()
+    assert opt.step()[0]
+    assert all(not torch.equal(a, p) for a, p in zip(before, ddp.parameters()))
+
+
 def _uneven_worker(rank, port, skip, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist

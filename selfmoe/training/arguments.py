@@ -164,7 +164,7 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="Megatron-Core's sharded optimizer (GPU only; on CPU use --deepspeed with ZeRO)")
+                   help="Megatron-Core's DistributedOptimizer: optimizer state sharded over data-parallel ranks")
 
     g = p.add_argument_group("DeepSpeed (ZeRO optimizer sharding)")
     g.add_argument("--deepspeed", action="store_true", help="wrap the model in DeepSpeed's engine")
@@ -308,12 +308,6 @@ def train_valid_test_num_samples(args) -> list[int]:
     return [train, evals * args.global_batch_size, args.eval_iters * args.global_batch_size]
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _world_size(world_size):
     return int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
 
@@ -335,15 +329,6 @@ def _positive(args, *names):
 
 
 def _validate_optimizer_sharding(args) -> None:
-    if args.use_distributed_optimizer and not _cuda_available():
-        # Launch scripts pass it routinely, so it is not refused (a Megatron-LM script must run with
-        # only paths changed), but it cannot work: megatron-core's sharded optimizer asserts CUDA
-        # buffers. Say so, and where optimizer sharding on CPU lives.
-        args.use_distributed_optimizer = False
-        args.ignored_flags.append("--use-distributed-optimizer")
-        args.notes.append("--use-distributed-optimizer needs CUDA (megatron-core's sharded optimizer); training "
-                          "continues unsharded. On CPU shard the optimizer with --deepspeed --deepspeed-config "
-                          "examples/deepspeed/zero1.json")
     if args.deepspeed_config and not args.deepspeed:
         raise ArgumentError("--deepspeed-config given without --deepspeed")
     if not args.deepspeed:
@@ -493,11 +478,6 @@ def validate_args(args, world_size: int | None = None) -> None:
     # precision
     if args.fp16 and args.bf16:
         raise ArgumentError("--fp16 and --bf16 are mutually exclusive")
-    if (args.fp16 or args.bf16) and not _cuda_available():
-        # Megatron-Core's mixed-precision optimizer only accepts torch.cuda tensors: on CPU the run
-        # trains in fp32 and the flag is reported with the other GPU-only flags.
-        args.ignored_flags.append("--fp16" if args.fp16 else "--bf16")
-        args.fp16 = args.bf16 = False
 
     # checkpoints
     if args.load is not None and os.path.exists(args.load) and not os.path.isdir(args.load):
@@ -609,7 +589,7 @@ def args_to_config(args):
 
     from selfmoe.config import make_config
 
-    params_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     kw = dict(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, kv_channels=args.kv_channels,
@@ -627,7 +607,7 @@ def args_to_config(args):
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,
-        bf16=args.bf16, params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        bf16=args.bf16, fp16=args.fp16, params_dtype=params_dtype, pipeline_dtype=params_dtype,
         moe_router_type=args.moe_router_type,
     )
     if args.num_experts:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from selfmoe.config import config_fingerprint
@@ -127,11 +128,18 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+# Megatron-LM's default format for the DistributedOptimizer's state: resumes with the same
+# layout. (megatron-core 0.16's "fully_reshardable" cannot load into torch Adam: KeyError 'step'.)
+OPTIM_SHARDING = "dp_reshardable"
+
+
 def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=False, with_rng=True) -> dict:
     chunk = _unwrap(model[0])
     sd = {"model": chunk.sharded_state_dict()}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
+        # read by Megatron-Core's DistributedOptimizer only (as Megatron-LM passes it)
+        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading,
+                                                       metadata={"distrib_optim_sharding_type": OPTIM_SHARDING})
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -160,6 +168,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, conf
     _barrier()
     rng_before = rng_state()
     sd = _sharded_state_dict(model, optimizer, scheduler)
+    sd.update(distributed_optimizer=_is_distributed(optimizer), layout=_layout())
     sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples, world_size=_world(),
               config=config_fingerprint(config), checkpoint_version=CHECKPOINT_VERSION, args=args_dict or {})
     dist_checkpointing.save(sd, tmp)
@@ -256,6 +265,71 @@ def check_resume_compatible(root: str, config) -> None:
         check_config_compatible(dist_checkpointing.load_common_state_dict(found[1]).get("config", {}), config, found[1])
 
 
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _layout() -> dict:
+    """Model-parallel sizes; Megatron's dp_reshardable optimizer format reshards over DP only."""
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
+            "etp": ps.get_expert_tensor_parallel_world_size()}
+
+
+def _check_optimizer_compatible(common: dict, optimizer, path: str) -> None:
+    """The distributed optimizer's state is in buffer order: same flag and same model-parallel
+    layout to resume it (the data-parallel size may change)."""
+    saved, now = bool(common.get("distributed_optimizer")), _is_distributed(optimizer)
+    hint = "; pass --no-load-optim to load only the weights"
+    if saved != now:
+        flag = "with" if saved else "without"
+        raise CheckpointError(f"cannot resume the optimizer from {path}: it was saved {flag} "
+                              f"--use-distributed-optimizer{hint}")
+    if now and common.get("layout") != _layout():
+        raise CheckpointError(f"cannot resume the distributed optimizer from {path}: saved with layout "
+                              f"{common.get('layout')}, this run has {_layout()}{hint}")
+
+
+def _init_adam_steps(optimizer) -> None:
+    """Give a fresh torch Adam/AdamW zero state, `step` included, before loading into it.
+
+    Megatron-Core's DistributedOptimizer.state_dict() (called while building the state dict to
+    load into) reads every parameter's `step` when neither TE nor Apex provides the Adam; a torch
+    Adam that has not stepped has no state at all. The loaded values replace these zeros.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or inner.state:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _restore_adam_steps(optimizer, optim_state) -> None:
+    """Per-parameter Adam `step` from a DistributedOptimizer checkpoint, for torch Adam.
+
+    Without TE/Apex, megatron-core 0.16's DistributedOptimizer records the step in its param
+    groups but its load leaves the per-parameter `step` of torch Adam at the value it had before
+    the load, and hands every parameter the same tensor (which torch Adam increments in place).
+    Both would give a wrong bias correction from the first step after a resume.
+    """
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [optim_state] if len(opts) == 1 else [optim_state[k] for k in sorted(optim_state)]
+    for opt, sd in zip(opts, states):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or "param_state" not in sd:
+            continue
+        steps = {g.get("step") for g in sd["optimizer"]["param_groups"]} - {None}
+        if len(steps) == 1:
+            step = float(steps.pop())
+            for st in inner.state.values():
+                st["step"] = torch.tensor(step)
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_optim: bool = True,
                     load_rng: bool = True, finetune: bool = False) -> dict | None:
     """Load the latest checkpoint under `root` into model/optimizer/scheduler/RNG (collective).
@@ -272,6 +346,9 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
     check_config_compatible(common.get("config", {}), config, path)
     load_optim = load_optim and not finetune
     load_rng = load_rng and not finetune and common.get("world_size") == _world()
+    if load_optim:
+        _check_optimizer_compatible(common, optimizer, path)
+        _init_adam_steps(optimizer)
     sd = _sharded_state_dict(model, optimizer if load_optim else None, scheduler if load_optim else None,
                              is_loading=True, with_rng=load_rng)
     try:
@@ -280,7 +357,9 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
         raise CheckpointError(f"cannot load {path}: {' '.join(str(e).split())[:500]}") from None
     _unwrap(model[0]).load_state_dict(state["model"], strict=True)
     if load_optim:
-        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # fp32 params: DistributedOptimizer's main params are views of them
+            optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer, state["optimizer"])
         try:
             scheduler.load_state_dict(state["opt_param_scheduler"])
         except AssertionError as e:

@@ -69,7 +69,7 @@ class TrainState:
 def build_model(args, config, model_provider) -> list:
     """This rank's model chunk(s), wrapped for bf16 and in Megatron-Core's DDP."""
     model = model_provider(config, pre_process=None, post_process=None, vp_stage=None)
-    if args.bf16:
+    if args.bf16 or args.fp16:
         model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16,  # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
@@ -85,7 +85,8 @@ def build_optimizer(args, model):
         optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, loss_scale=args.loss_scale,
+        params_dtype=torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32,
+        loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale, use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
@@ -175,7 +176,9 @@ def train_step(forward_step, data_iterator, model, optimizer, scheduler, args, c
     loss_sum, ntokens = reduce_losses(losses, loss_name)
     loss = loss_sum / max(ntokens, 1.0)
     # Megatron-LM skips the update on a NaN/Inf loss or gradient rather than poisoning the weights.
-    if not math.isfinite(loss) or not grads_finite(model):
+    # Under fp16 the optimizer's dynamic loss scaler owns the gradient check (it must see the
+    # overflow to lower the scale).
+    if not math.isfinite(loss) or (not args.fp16 and not grads_finite(model)):
         return (loss if math.isfinite(loss) else float("nan")), None, True
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
@@ -257,6 +260,9 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         model = build_model(args, config, model_provider)
         optimizer, scheduler = build_optimizer(args, model)
         wire_config(config, optimizer)
+        kinds = sorted({type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])})
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        logger.print(f"optimizer {'+'.join(kinds)} ({args.optimizer}, {precision} model)")
     E = config.num_moe_experts
     logger.print_parameter_counts(parameter_counts(model, config), config.moe_router_type if E else None)
 

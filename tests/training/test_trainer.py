@@ -1,5 +1,6 @@
 """The shared training loop on real Megatron-Core: loss falls for every router, NaN steps are
-skipped, a NaN streak stops the run, NaN weights are never saved, DP=2 equals gradient accumulation.
+skipped, a NaN streak stops the run, NaN weights are never saved, DP=2 equals gradient accumulation,
+Megatron-Core's distributed optimizer equals the plain one and resumes, bf16/fp16 train on CPU.
 """
 
 import math
@@ -148,3 +149,49 @@ def test_two_data_parallel_ranks_equal_gradient_accumulation(tmp_path):
     assert sorted(two) == list(range(1, 7))
     for i in range(1, 7):
         assert two[i] == pytest.approx(single["losses"][i], rel=1e-5)
+
+
+def torchrun2(flags, tmp_path, name):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "pretrain_gpt.py", *flags, "--tensorboard-dir", str(tmp_path / name)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return read_tb_losses(tmp_path / name), p.stdout
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_equals_plain_and_resumes_on_another_dp_size(tmp_path):
+    """--use-distributed-optimizer (state sharded over 2 DP ranks, on CPU via cpu_compat) follows the
+    one-rank plain-optimizer curve (< 1e-5: only reduction order differs); its checkpoint resumes on
+    one rank onto the same curve, which needs the Adam moments and step restored; without the flag
+    the optimizer state is refused in one line."""
+    flags = TINY + MOCK + ["--num-experts", "4", "--micro-batch-size", "2", "--global-batch-size", "4",
+                           "--train-iters", "6", "--eval-iters", "0"]
+    single, _ = run(flags)
+    ck = ["--save", str(tmp_path / "ck"), "--save-interval", "3", "--use-distributed-optimizer"]
+    two, out = torchrun2(flags + ck + ["--exit-interval", "3"], tmp_path, "do")
+    assert "optimizer DistributedOptimizer (adam, fp32 model)" in out
+    assert sorted(two) == [1, 2, 3]
+    resumed, _ = run(flags + ["--load", str(tmp_path / "ck"), "--use-distributed-optimizer"])
+    assert sorted(resumed["losses"]) == [4, 5, 6]
+    for i in range(1, 7):
+        assert {**two, **resumed["losses"]}[i] == pytest.approx(single["losses"][i], rel=1e-5), i
+    from selfmoe.training.checkpointing import CheckpointError
+
+    with pytest.raises(CheckpointError, match="it was saved with --use-distributed-optimizer; pass --no-load-optim"):
+        run(flags + ["--load", str(tmp_path / "ck")])
+
+
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_half_precision_trains_on_cpu(precision, capsys):
+    """Megatron-Core's Float16Module + mixed-precision optimizer, as on GPU: the curve stays within
+    half-precision rounding of fp32 (rel 1e-2) but is not the fp32 curve."""
+    flags = TINY + MOCK + ["--num-experts", "4", "--global-batch-size", "4", "--train-iters", "4", "--eval-iters",
+                           "0", "--initial-loss-scale", "1024"]
+    ref, _ = run(flags)
+    half, args = run(flags + [precision])
+    assert f"{precision[2:]} model" in capsys.readouterr().out and not args.ignored_flags
+    assert half["skipped_iterations"] == 0
+    assert [half["losses"][i] for i in range(1, 5)] == pytest.approx([ref["losses"][i] for i in range(1, 5)], rel=1e-2)
+    assert [half["losses"][i] for i in range(2, 5)] != [ref["losses"][i] for i in range(2, 5)]
