@@ -166,6 +166,7 @@ def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler
         weight_decay = cfg.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     register_expert_groups()
     mark_expert_params(model)
+    prepare_universal_checkpoint(model)
     groups = param_groups(model, weight_decay)
     client_opt = None
     if "optimizer" not in cfg:
@@ -178,6 +179,32 @@ def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler
             mpu=MegatronMPU(), lr_scheduler=lr_scheduler, dist_init_required=False,
         )
     return engine, optimizer
+
+
+def _no_extra_state():
+    return torch.empty(0)
+
+
+def prepare_universal_checkpoint(model) -> None:
+    """Make the engine's checkpoints convertible by deepspeed.checkpoint.ds_to_universal.
+
+    1. ds_to_universal refuses a checkpoint without `universal_checkpoint_info`, which DeepSpeed
+       reads off the module at save time. The bare version key means "no tensor-parallel merge
+       rules": right for TP=1 and EP=1 only, so other layouts stay unconvertible (refused by
+       ds_to_universal) rather than merged wrongly.
+    2. Megatron-Core's parallel linears save `<name>._extra_state: None`, and ds_to_universal calls
+       `.float()` on every saved module value. An empty tensor converts; Megatron's set_extra_state
+       ignores the value, so checkpoints load as before.
+    """
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    for m in model.modules():
+        if type(m).get_extra_state is not torch.nn.Module.get_extra_state and m.get_extra_state() is None:
+            m.get_extra_state = _no_extra_state
+    if ps.get_tensor_model_parallel_world_size() == 1 and ps.get_expert_model_parallel_world_size() == 1:
+        setattr(model, UNIVERSAL_CHECKPOINT_INFO,
+                {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
 
 
 @contextlib.contextmanager

@@ -17,8 +17,8 @@ Checked:
   that into weight differences far below 1e-5 (its steps are ~lr = 1e-3 in size). Dropping or
   scrambling the moments or the step count moves the weights by ~1e-4..1e-3, which 1e-5 catches.
 
-The model needs two things before DeepSpeed can convert its checkpoint; `ready_for_universal`
-below does them, as selfmoe.deepspeed_utils.initialize should.
+The model needs two things before DeepSpeed can convert its checkpoint;
+selfmoe.deepspeed_utils.initialize does them (prepare_universal_checkpoint).
 """
 
 import argparse
@@ -53,30 +53,6 @@ def ds_config(stage, micro, universal=False):
 
 def lm_loss(model, ids):
     return model(ids, torch.arange(ids.shape[1])[None].expand_as(ids), None, labels=ids).mean()
-
-
-def _no_extra_state():
-    return torch.empty(0)
-
-
-def ready_for_universal(model):
-    """What selfmoe.deepspeed_utils.initialize should do to a model before deepspeed.initialize.
-
-    1. ds_to_universal refuses a checkpoint without `universal_checkpoint_info` (DeepSpeed reads it
-       off the module at save time). With TP=1 the version key is all it needs.
-    2. Megatron-Core's ColumnParallelLinear / RowParallelLinear put `<name>._extra_state: None` in
-       the state dict, and ds_to_universal calls `.float()` on every value of the saved module
-       state (ds_to_universal.py, "ZeRO may not create optimizer fragments..." loop). An empty
-       tensor instead of None converts; Megatron's set_extra_state ignores either.
-    """
-    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-
-    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
-    for m in model.modules():
-        if type(m).get_extra_state is not torch.nn.Module.get_extra_state and m.get_extra_state() is None:
-            m.get_extra_state = _no_extra_state
-    return model
 
 
 def _worker(rank, world, port, root, out):
@@ -145,7 +121,7 @@ def _worker(rank, world, port, root, out):
         ckpt = os.path.join(root, f"zero{stage}")
         tensor_parallel.model_parallel_cuda_manual_seed(1)
         torch.manual_seed(1 if world == 2 else 999)  # resumed run: everything must come from the checkpoint
-        model = ready_for_universal(build_gpt_model(tiny_config("self")))
+        model = build_gpt_model(tiny_config("self"))  # deepspeed_utils.initialize readies it
         engine, _ = deepspeed_utils.initialize(model, ds_config(stage, micro, universal=world == 1))
         r = {}
         if world == 2:

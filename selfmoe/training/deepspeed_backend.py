@@ -117,6 +117,12 @@ def load(root: str, engine, scheduler, config, *, load_optim: bool, load_rng: bo
     if path is None:
         raise checkpointing.CheckpointError(f"DeepSpeed could not load a checkpoint from {root}")
     checkpointing.check_config_compatible(client.get("config", {}), config, path)
+    if engine.load_universal_checkpoint():
+        # a universal load restores parameters only; buffers (Routing-Free's λ, the random
+        # router's counter, expert biases) come from the source checkpoint's module states
+        saved = torch.load(path, map_location="cpu", weights_only=False)["module"]  # mp_rank_00_model_states.pt
+        params = dict(engine.module.named_parameters())
+        engine.module.load_state_dict({k: v for k, v in saved.items() if k not in params}, strict=False)
     if load_optim:
         scheduler.load_state_dict(client["opt_param_scheduler"])
     load_rng = load_rng and client.get("world_size") == dist.get_world_size()

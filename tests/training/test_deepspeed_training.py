@@ -5,6 +5,7 @@ Tolerance 1e-5 (relative): both paths use torch AdamW, the same clipping, lr sch
 order; only the order of float32 gradient reductions differs.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -16,13 +17,16 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
          "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
          "--train-iters", "6", "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1",
          "--eval-iters", "0", "--disable-bias-linear", "--num-experts", "4", "--moe-router-type", "routing-free",
-         "--routing-free-rank", "8", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
+         "--routing-free-rank", "8", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255",
+         "--hidden-dropout", "0", "--attention-dropout", "0",
+         # a large, fast-moving λ (a buffer): a resume that lost it would show in the losses
+         "--routing-free-lambda0", "0.05", "--routing-free-eta", "0.5"]
 
 
-def torchrun(tmp_path, name, *extra):
+def torchrun(tmp_path, name, *extra, nproc=2):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     tb = tmp_path / f"tb_{name}"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                         "pretrain_gpt.py", *FLAGS, "--tensorboard-dir", str(tb), *extra],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -59,6 +63,18 @@ def test_zero_stages_follow_megatron_path_and_resume(tmp_path):
     second, out = torchrun(tmp_path, "part2", *ds, "--load", str(tmp_path / "ck"))
     assert "loaded checkpoint" in out and sorted(second) == [4, 5, 6]
     assert {**first, **second} == pytest.approx(ref, rel=1e-5)
+    # another world size: DeepSpeed's universal checkpoint (README commands), resumed by 1 process
+    ck3 = tmp_path / "ck" / "iter_0000003"
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ck3),
+                    "--output_folder", f"{ck3}_universal", "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    cfg = json.load(open(os.path.join(REPO, "examples", "deepspeed", "zero2.json")))
+    cfg["checkpoint"] = {"load_universal": True}
+    (tmp_path / "universal.json").write_text(json.dumps(cfg))
+    one, out = torchrun(tmp_path, "universal", "--deepspeed", "--deepspeed-config", str(tmp_path / "universal.json"),
+                        "--load", str(tmp_path / "ck"), nproc=1)
+    assert "data-parallel 1" in out and sorted(one) == [4, 5, 6]
+    assert one == pytest.approx({i: ref[i] for i in (4, 5, 6)}, rel=1e-5)
 
 
 @pytest.mark.slow
