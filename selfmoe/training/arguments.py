@@ -402,8 +402,16 @@ def validate_args(args, world_size: int | None = None) -> None:
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     if cp != 1:
         raise ArgumentError("--context-parallel-size > 1 needs TransformerEngine (GPU); not available on CPU")
-    if args.num_layers_per_virtual_pipeline_stage is not None:
-        raise ArgumentError("--num-layers-per-virtual-pipeline-stage (interleaved pipeline) is not supported")
+    args.virtual_pipeline_model_parallel_size = None
+    vls = args.num_layers_per_virtual_pipeline_stage
+    if vls is not None:  # Megatron-LM: interleaved 1F1B with num_layers / (pp x vls) chunks per rank
+        if pp == 1:
+            raise ArgumentError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        if args.num_layers % (pp * vls):
+            raise ArgumentError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
+                                f"{pp} x --num-layers-per-virtual-pipeline-stage {vls}")
+        if args.num_layers // (pp * vls) > 1:
+            args.virtual_pipeline_model_parallel_size = args.num_layers // (pp * vls)
     if ws % (tp * pp):
         raise ArgumentError(f"world size {ws} is not divisible by --tensor-model-parallel-size {tp} x "
                             f"--pipeline-model-parallel-size {pp}")
@@ -459,6 +467,11 @@ def validate_args(args, world_size: int | None = None) -> None:
     if args.global_batch_size % (mbs * dp):
         raise ArgumentError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                             f"--micro-batch-size {mbs} x data-parallel size {dp}")
+    nmb = args.global_batch_size // (mbs * dp)
+    if args.virtual_pipeline_model_parallel_size and nmb % args.pipeline_model_parallel_size:
+        raise ArgumentError(f"the interleaved pipeline needs the micro-batches per step ({nmb} = --global-batch-size / "
+                            f"(--micro-batch-size x data-parallel size)) to be a multiple of "
+                            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
     if args.rampup_batch_size is not None:
         raise ArgumentError("--rampup-batch-size: batch-size rampup is not supported with --train-iters "
                             "(Megatron-LM refuses it too)")
@@ -604,6 +617,7 @@ def args_to_config(args):
         rotary_percent=args.rotary_percent, untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,

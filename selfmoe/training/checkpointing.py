@@ -134,11 +134,15 @@ OPTIM_SHARDING = "dp_reshardable"
 
 
 def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=False, with_rng=True) -> dict:
-    chunk = _unwrap(model[0])
-    sd = {"model": chunk.sharded_state_dict()}
+    # Megatron-LM's keys: "model", or "model0", "model1", ... with the interleaved pipeline. The
+    # tensors inside carry global layer numbers, so either form loads into the other.
+    if len(model) == 1:
+        sd = {"model": _unwrap(model[0]).sharded_state_dict()}
+    else:
+        sd = {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
     if optimizer is not None:
         # read by Megatron-Core's DistributedOptimizer only (as Megatron-LM passes it)
-        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading,
+        sd["optimizer"] = optimizer.sharded_state_dict(dict(sd), is_loading=is_loading,
                                                        metadata={"distrib_optim_sharding_type": OPTIM_SHARDING})
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
@@ -355,7 +359,11 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
         state = dist_checkpointing.load(sd, path)
     except Exception as e:  # noqa: BLE001 - shape mismatches etc. come from deep inside
         raise CheckpointError(f"cannot load {path}: {' '.join(str(e).split())[:500]}") from None
-    _unwrap(model[0]).load_state_dict(state["model"], strict=True)
+    if len(model) == 1:
+        _unwrap(model[0]).load_state_dict(state["model"], strict=True)
+    else:
+        for i, chunk in enumerate(model):
+            _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
     if load_optim:
         with torch.no_grad():  # fp32 params: DistributedOptimizer's main params are views of them
             optimizer.load_state_dict(state["optimizer"])

@@ -67,16 +67,30 @@ class TrainState:
 # components
 
 def build_model(args, config, model_provider) -> list:
-    """This rank's model chunk(s), wrapped for bf16 and in Megatron-Core's DDP."""
-    model = model_provider(config, pre_process=None, post_process=None, vp_stage=None)
-    if args.bf16 or args.fp16:
-        model = Float16Module(config, model)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=args.bf16,  # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
-        overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
-    )
-    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)]
+    """This rank's model chunk(s) (several with the interleaved pipeline), wrapped for bf16/fp16 and
+    in Megatron-Core's DDP."""
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    chunks = []
+    for vp_stage in range(vpp) if vpp else [None]:
+        model = model_provider(config, pre_process=None, post_process=None, vp_stage=vp_stage)
+        if args.bf16 or args.fp16:
+            model = Float16Module(config, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=args.bf16,  # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
+            overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        # Megatron-LM: only the first chunk's grads are bucketed
+        chunks.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
+                                              disable_bucketing=bool(vp_stage)))
+    return chunks
+
+
+def chunk_iterators(model, make_iterator):
+    """The data iterator(s) get_forward_backward_func wants: one per model chunk when interleaved
+    (each chunk reads every micro-batch: tokens on the first stage, labels on the last, token ids
+    for hash routing everywhere), else one."""
+    return [make_iterator() for _ in model] if len(model) > 1 else make_iterator()
 
 
 def build_optimizer(args, model):
@@ -194,8 +208,9 @@ def train_step(forward_step, data_iterator, model, optimizer, scheduler, args, c
 @torch.no_grad()
 def evaluate(forward_step, dataset, model, args, loss_name="lm loss") -> float:
     """Mean loss over the first eval_iters global batches of `dataset` (the same batches every time)."""
-    it = MicroBatchIterator(dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
-                            parallel_state.get_data_parallel_world_size(), consumed_samples=0, wrap=True)
+    it = chunk_iterators(model, lambda: MicroBatchIterator(
+        dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(), consumed_samples=0, wrap=True))
     for chunk in model:
         chunk.eval()
     total, count = 0.0, 0.0
@@ -245,7 +260,9 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         logger.print(f"note: {note}")
     logger.print(f"world size {args.world_size} | data-parallel {args.data_parallel_size} | tensor-parallel "
                  f"{args.tensor_model_parallel_size} | pipeline-parallel {args.pipeline_model_parallel_size} | "
-                 f"expert-parallel {args.expert_model_parallel_size} | micro-batches per step {get_num_microbatches()}")
+                 f"expert-parallel {args.expert_model_parallel_size} | micro-batches per step {get_num_microbatches()}"
+                 + (f" | interleaved: {args.virtual_pipeline_model_parallel_size} model chunks per rank"
+                    if getattr(args, "virtual_pipeline_model_parallel_size", None) else ""))
 
     ds = None
     if args.deepspeed:
@@ -288,7 +305,8 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
 
     train_ds, valid_ds, _ = datasets_provider(args, train_valid_test_num_samples(args))
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    train_iter = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size, state.consumed_train_samples)
+    train_iter = chunk_iterators(model, lambda: MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size,
+                                                                   state.consumed_train_samples))
     routing = RoutingStats(model, config.num_layers, E) if E else None
 
     def run_validation():

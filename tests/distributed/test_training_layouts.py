@@ -2,8 +2,8 @@
 
 Routing-Free's lambda follows the density all-reduced over every rank and MoE layer: under PP=2
 each stage holds half the layers, under TP=2+SP each rank half the tokens, under EP=2 each rank
-its own data. With a fast-moving lambda (eta 0.5, lambda0 0.05) a wrong reduction group changes
-the loss within a few steps. Hash routing needs the token ids on the second pipeline stage too.
+its own data; interleaved, each rank two chunks. With a fast-moving lambda (eta 0.5, lambda0 0.05) a wrong reduction group changes
+the loss within a few steps. Hash routing needs the token ids on every pipeline stage and chunk.
 Same weights in every layout: a 1-rank checkpoint, resharded on load by dist_checkpointing.
 """
 
@@ -14,7 +14,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
         "--log-interval", "1", "--disable-bias-linear", "--num-experts", "4", "--hidden-dropout", "0",
         "--attention-dropout", "0", "--eval-iters", "0", "--lr-warmup-iters", "0", "--mock-data",
@@ -26,10 +26,12 @@ ROUTERS = {
 }
 LAYOUTS = {
     "pipeline-2": ["--pipeline-model-parallel-size", "2"],
+    # interleaved 1F1B: each rank holds 2 chunks of 1 layer (layers 0+2 and 1+3)
+    "pipeline-2-interleaved": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
     "tensor-2+sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "expert-2-alltoall": ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"],
 }
-CASES = [("routing-free", layout) for layout in LAYOUTS] + [("hash", "pipeline-2")]
+CASES = [("routing-free", layout) for layout in LAYOUTS] + [("hash", "pipeline-2"), ("hash", "pipeline-2-interleaved")]
 pytestmark = pytest.mark.slow
 _cache: dict = {}
 

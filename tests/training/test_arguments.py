@@ -295,3 +295,20 @@ def test_demo_defaults_apply_only_without_a_model_description():
     explicit = parse_args(BASE, demo_defaults=DEMO_DEFAULTS)  # a model is described: Megatron defaults
     assert not explicit.demo and explicit.num_experts is None and explicit.hidden_dropout == 0.1
     assert math.isclose(explicit.adam_beta2, 0.999)
+
+
+def test_interleaved_pipeline_flags():
+    """Megatron-LM: num_layers / (pp x layers per virtual stage) chunks per rank; the interleaved
+    schedule needs the micro-batches per step to be a multiple of pp."""
+    vls = ["--num-layers", "8", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage"]
+    args = parse(vls + ["2", "--global-batch-size", "4"], world_size=2)
+    assert args.virtual_pipeline_model_parallel_size == 2
+    assert args_to_config(args).virtual_pipeline_model_parallel_size == 2
+    assert parse(vls + ["4", "--global-batch-size", "4"], world_size=2).virtual_pipeline_model_parallel_size is None
+    assert raw_error(BASE + ["--num-layers-per-virtual-pipeline-stage", "1"]) == \
+        "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"
+    assert raw_error(BASE + vls + ["3"], world_size=2) == ("--num-layers 8 is not divisible by "
+                                                          "--pipeline-model-parallel-size 2 x "
+                                                          "--num-layers-per-virtual-pipeline-stage 3")
+    assert raw_error(BASE + vls + ["2", "--global-batch-size", "6"], world_size=2).startswith(
+        "the interleaved pipeline needs the micro-batches per step (3 = --global-batch-size")
