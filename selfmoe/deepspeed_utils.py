@@ -162,6 +162,9 @@ def initialize(model, ds_config, weight_decay: float | None = None, lr_scheduler
 
     if cpu_compat.is_applied():
         cpu_compat.configure_deepspeed_cpu()
+        # optimizer offload on a CPU-only machine: the optimizer runs on the CPU anyway, so a torch
+        # optimizer is accepted (DeepSpeed otherwise insists on DeepSpeedCPUAdam, a GPU->CPU accelerator)
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     if weight_decay is None:
         weight_decay = cfg.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     register_expert_groups()

@@ -230,8 +230,7 @@ def update_balance_coefficient(model, group=None):
     routers = routing_free_routers(model)
     stats = torch.zeros(2, dtype=torch.float64)
     for r in routers:
-        stats[0] += r.fired_count[0]
-        stats[1] += r.pair_count[0]
+        stats += torch.cat([r.fired_count, r.pair_count]).cpu()
         r.fired_count.zero_()
         r.pair_count.zero_()
     if dist.is_initialized() and dist.get_world_size(group) > 1:

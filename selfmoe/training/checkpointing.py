@@ -113,6 +113,7 @@ def rng_state() -> dict:
         "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
     }
 
 
@@ -122,6 +123,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _tuplify(x):

@@ -27,7 +27,17 @@ def build(args, config, model_provider):
     """(engine, optimizer): the whole model (PP=1) wrapped by deepspeed.initialize."""
     model = model_provider(config, pre_process=True, post_process=True, vp_stage=None)
 
+    cfg = deepspeed_utils.load_config(args.deepspeed_config)
+    offload = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+
     def make_optimizer(groups):
+        if offload and args.optimizer == "adam" and torch.cuda.is_available():
+            # what DeepSpeed wants for optimizer offload (a ~45 s C++ build on first use); on a
+            # CPU-only machine the states are on the CPU anyway and torch's AdamW is used
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                                    weight_decay=args.weight_decay, adamw_mode=True)
         if args.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay)
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
@@ -63,7 +73,7 @@ def train_step(forward_step, data_iterator, engine, scheduler, args, config):
         loss_sum, num_tokens, report = loss_func(output)
         engine.backward(loss_sum / num_tokens.clamp(min=1))
         engine.step()
-        stats += next(iter(report.values())).detach().double().view(-1)[:2]
+        stats += next(iter(report.values())).detach().double().view(-1)[:2].cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
     loss = float(stats[0] / stats[1].clamp(min=1))

@@ -25,19 +25,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def backend() -> str:
+    """NCCL for Megatron's CUDA collectives and gloo for the few small CPU-side reductions of ours
+    (metrics, λ's density, loss reports) on GPUs; gloo alone on CPU."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_distributed(args, timeout_minutes: int = 10) -> None:
     """torchrun's env:// group if launched by it (MASTER_ADDR/PORT from the launcher), else a
     world-size-1 gloo group on a free local port; then Megatron's groups and micro-batch calculator.
     An already initialised process group (e.g. a test fixture's) is used as is.
     """
     global _owns_process_group
+    # DeepSpeed reads LOCAL_RANK; torchrun sets it, a plain `python pretrain_gpt.py` does not
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if torch.cuda.is_available():  # Megatron-LM: one GPU per local rank
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group("gloo", timeout=timeout)  # env://, as torchrun sets it up
+            dist.init_process_group(backend(), timeout=timeout)  # env://, as torchrun sets it up
         else:  # alone: nobody to meet, so any free local port will do (a stale MASTER_PORT could not)
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                    timeout=timeout)
+            dist.init_process_group(backend(), init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, timeout=timeout)
         _owns_process_group = True
     if dist.get_world_size() != args.world_size:
         raise RuntimeError(f"world size {dist.get_world_size()} differs from the validated {args.world_size}")

@@ -73,6 +73,8 @@ def build_model(args, config, model_provider) -> list:
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
         model = model_provider(config, pre_process=None, post_process=None, vp_stage=vp_stage)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())  # buffers too (λ, counters), as Megatron-LM does
         if args.bf16 or args.fp16:
             model = Float16Module(config, model)
         ddp_config = DistributedDataParallelConfig(
@@ -142,7 +144,7 @@ def reduce_losses(losses_reduced: list, key: str = "lm loss") -> tuple[float, fl
     """
     buf = torch.zeros(2, dtype=torch.float64)
     for d in losses_reduced:
-        buf += d[key].detach().double().view(-1)[:2]
+        buf += d[key].detach().double().view(-1)[:2].cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             dist.all_reduce(buf, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
