@@ -46,3 +46,22 @@ def brute_force_moe(layer, hidden, probs, routing_map):
         if rows.numel():
             out[rows] += probs[rows, e, None].to(x.dtype) * expert_fn(layer, e)(x[rows])
     return out.reshape(hidden.shape)
+
+
+def lm_loss(model, ids):
+    """Mean LM loss of a GPT (or a DeepSpeed engine around one) on token ids [b, s], labels = ids."""
+    return model(ids, torch.arange(ids.shape[1])[None].expand_as(ids), None, labels=ids).mean()
+
+
+def dp_step(engine, ids, rank, world):
+    """One DeepSpeed optimizer step on this rank's equal share of the global batch `ids`; returns
+    the global mean loss (every rank's share has the same size, so the mean of the means)."""
+    import torch.distributed as dist
+
+    micro = ids.shape[0] // world
+    loss = lm_loss(engine, ids[rank * micro:(rank + 1) * micro])
+    engine.backward(loss)
+    engine.step()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total.item() / world

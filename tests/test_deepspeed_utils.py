@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp_
 
 from conftest import free_port
-from helpers import tiny_config
+from helpers import dp_step, lm_loss, tiny_config
 
 STEPS, LR, EPS = 3, 1e-3, 1e-8
 
@@ -45,10 +45,6 @@ def ds_config(stage):
             "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**6}
 
 
-def lm_loss(model, ids):
-    return model(ids, torch.arange(ids.shape[1])[None].expand_as(ids), None, labels=ids).mean()
-
-
 def _worker(rank, port, out, router, ckpt_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -62,15 +58,6 @@ def _worker(rank, port, out, router, ckpt_dir):
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ps.initialize_model_parallel(1, 1)
-    def step(engine, ids):
-        """One optimizer step on this rank's half of the global batch; returns the global mean loss."""
-        loss = lm_loss(engine, ids[rank * 2:(rank + 1) * 2])
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        return total.item() / 2
-
     res = {}
     data = batches(router)
     for stage in (0, 1, 2, 3):
@@ -84,14 +71,14 @@ def _worker(rank, port, out, router, ckpt_dir):
                 if rank == 0:
                     torch.save({k: v.detach().clone() for k, v in engine.module.named_parameters()},
                                os.path.join(ckpt_dir, "weights_step3.pt"))
-            losses.append(step(engine, ids))
+            losses.append(dp_step(engine, ids, rank, 2))
         res[f"zero{stage}"] = losses
     # resume ZeRO-2 from the step-3 checkpoint: the last steps repeat exactly
     tensor_parallel.model_parallel_cuda_manual_seed(1)
     torch.manual_seed(999)  # different init: everything must come from the checkpoint
     engine, _ = deepspeed_utils.initialize(build_gpt_model(tiny_config(router)), ds_config(2))
     engine.load_checkpoint(ckpt_dir, tag="step3")
-    res["zero2_resumed"] = [step(engine, ids) for ids in data[STEPS:]]
+    res["zero2_resumed"] = [dp_step(engine, ids, rank, 2) for ids in data[STEPS:]]
     if rank == 0:
         with open(out, "w") as f:
             json.dump(res, f)
@@ -132,14 +119,6 @@ def _ep_worker(rank, port, out, router, tmp):
         engine, _ = deepspeed_utils.initialize(model, ds_config(stage))
         return engine
 
-    def step(engine, ids):
-        loss = lm_loss(engine, ids[rank * 2:(rank + 1) * 2])
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        return total.item() / 2
-
     res, data = {}, batches(router, ep=2)
     ckpt = os.path.join(tmp, "ckpt")
     for stage in (0, 1, 2):
@@ -149,13 +128,13 @@ def _ep_worker(rank, port, out, router, tmp):
         for i, ids in enumerate(data):
             if i == STEPS and stage == 2:
                 engine.save_checkpoint(ckpt, tag="step3")
-            losses.append(step(engine, ids))
+            losses.append(dp_step(engine, ids, rank, 2))
         res[f"zero{stage}"] = losses
     engine = engine_for(2, seed=999)
     for p in engine.module.parameters():  # everything must come from the checkpoint
         p.data.normal_()
     engine.load_checkpoint(ckpt, tag="step3")
-    res["zero2_resumed"] = [step(engine, ids) for ids in data[STEPS:]]
+    res["zero2_resumed"] = [dp_step(engine, ids, rank, 2) for ids in data[STEPS:]]
     res["files"] = sorted(os.listdir(os.path.join(ckpt, "step3")))
     if rank == 0:
         with open(out, "w") as f:

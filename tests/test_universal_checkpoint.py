@@ -29,7 +29,7 @@ import torch
 import torch.multiprocessing as mp_
 
 from conftest import free_port
-from helpers import tiny_config
+from helpers import dp_step, tiny_config
 
 STAGES = (1, 2)
 BEFORE, AFTER = 2, 2  # steps before the checkpoint, steps compared after it
@@ -51,10 +51,6 @@ def ds_config(stage, micro, universal=False):
     return cfg
 
 
-def lm_loss(model, ids):
-    return model(ids, torch.arange(ids.shape[1])[None].expand_as(ids), None, labels=ids).mean()
-
-
 def _worker(rank, world, port, root, out):
     """world 2: train, save, keep training. world 1: load the universal checkpoint, keep training."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -72,15 +68,6 @@ def _worker(rank, world, port, root, out):
     ps.initialize_model_parallel(1, 1)
     micro = GLOBAL_BATCH // world
     data = batches()
-
-    def step(engine, ids):
-        """One optimizer step on this rank's share of the global batch; returns the global mean loss."""
-        loss = lm_loss(engine, ids[rank * micro:(rank + 1) * micro])
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        return total.item() / world
 
     def full_adam_state(engine, key):
         """Adam's `key` per parameter, gathered from the flat per-rank tensors the optimizer steps.
@@ -126,15 +113,15 @@ def _worker(rank, world, port, root, out):
         r = {}
         if world == 2:
             for ids in data[:BEFORE]:
-                step(engine, ids)
+                dp_step(engine, ids, rank, world)
             engine.save_checkpoint(ckpt, tag=f"step{BEFORE}", client_state={"iteration": BEFORE})
         else:
             path, client = engine.load_checkpoint(ckpt)  # tag from `latest_universal`
             r["load_path"], r["iteration"] = path, client.get("iteration")
         r["at_ckpt"] = snapshot(engine)
-        r["losses"] = [step(engine, data[BEFORE])]
+        r["losses"] = [dp_step(engine, data[BEFORE], rank, world)]
         r["weights_after_1"] = {k: p.detach().clone() for k, p in engine.module.named_parameters()}
-        r["losses"] += [step(engine, ids) for ids in data[BEFORE + 1:]]
+        r["losses"] += [dp_step(engine, ids, rank, world) for ids in data[BEFORE + 1:]]
         res[stage] = r
     if rank == 0:
         torch.save(res, out)

@@ -175,9 +175,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, conf
     _barrier()
     rng_before = rng_state()
     sd = _sharded_state_dict(model, optimizer, scheduler)
-    sd.update(distributed_optimizer=_is_distributed(optimizer), layout=_layout())
     sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples, world_size=_world(),
-              config=config_fingerprint(config), checkpoint_version=CHECKPOINT_VERSION, args=args_dict or {})
+              config=config_fingerprint(config), checkpoint_version=CHECKPOINT_VERSION, args=args_dict or {},
+              distributed_optimizer=_is_distributed(optimizer), layout=_layout())
     dist_checkpointing.save(sd, tmp)
     _test_sleep_hook(iteration)
     _barrier()
@@ -272,10 +272,21 @@ def check_resume_compatible(root: str, config) -> None:
         check_config_compatible(dist_checkpointing.load_common_state_dict(found[1]).get("config", {}), config, found[1])
 
 
+def chained_optimizers(optimizer) -> list:
+    """The optimizers inside Megatron-Core's ChainedOptimizer (or the one given)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _torch_adam(opt):
+    """The torch Adam/AdamW a Megatron optimizer wraps, or None (TE/Apex Adam, SGD)."""
+    inner = getattr(opt, "optimizer", None)
+    return inner if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) else None
+
+
 def _is_distributed(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return any(isinstance(o, DistributedOptimizer) for o in chained_optimizers(optimizer))
 
 
 def _layout() -> dict:
@@ -306,9 +317,9 @@ def _init_adam_steps(optimizer) -> None:
     load into) reads every parameter's `step` when neither TE nor Apex provides the Adam; a torch
     Adam that has not stepped has no state at all. The loaded values replace these zeros.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or inner.state:
+    for opt in chained_optimizers(optimizer):
+        inner = _torch_adam(opt)
+        if inner is None or inner.state:
             continue
         for group in inner.param_groups:
             for p in group["params"]:
@@ -324,11 +335,11 @@ def _restore_adam_steps(optimizer, optim_state) -> None:
     the load, and hands every parameter the same tensor (which torch Adam increments in place).
     Both would give a wrong bias correction from the first step after a resume.
     """
-    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    opts = chained_optimizers(optimizer)
     states = [optim_state] if len(opts) == 1 else [optim_state[k] for k in sorted(optim_state)]
     for opt, sd in zip(opts, states):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or "param_state" not in sd:
+        inner = _torch_adam(opt)
+        if inner is None or "param_state" not in sd:
             continue
         steps = {g.get("step") for g in sd["optimizer"]["param_groups"]} - {None}
         if len(steps) == 1:

@@ -69,7 +69,7 @@ class TrainState:
 def build_model(args, config, model_provider) -> list:
     """This rank's model chunk(s) (several with the interleaved pipeline), wrapped for bf16/fp16 and
     in Megatron-Core's DDP."""
-    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    vpp = args.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
         model = model_provider(config, pre_process=None, post_process=None, vp_stage=vp_stage)
@@ -264,7 +264,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
                  f"{args.tensor_model_parallel_size} | pipeline-parallel {args.pipeline_model_parallel_size} | "
                  f"expert-parallel {args.expert_model_parallel_size} | micro-batches per step {get_num_microbatches()}"
                  + (f" | interleaved: {args.virtual_pipeline_model_parallel_size} model chunks per rank"
-                    if getattr(args, "virtual_pipeline_model_parallel_size", None) else ""))
+                    if args.virtual_pipeline_model_parallel_size else ""))
 
     ds = None
     if args.deepspeed:
@@ -279,7 +279,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         model = build_model(args, config, model_provider)
         optimizer, scheduler = build_optimizer(args, model)
         wire_config(config, optimizer)
-        kinds = sorted({type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])})
+        kinds = sorted({type(o).__name__ for o in checkpointing.chained_optimizers(optimizer)})
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
         logger.print(f"optimizer {'+'.join(kinds)} ({args.optimizer}, {precision} model)")
     E = config.num_moe_experts
