@@ -318,7 +318,20 @@ def _patch_optimizer_tensor_types():
         cls.__init__ = __init__
 
 
+# --------------------------------------------------------------------------------------------
+# 0. torch's CUDA wheels (the 2.14.1 pin) log "No CUDA runtime is found, using CUDA_HOME=..." on
+#    stderr when torch.utils.cpp_extension is imported (by megatron-core and DeepSpeed) on a machine
+#    with a CUDA toolkit but no GPU. It is noise on CPU and breaks every tool's one-line error
+#    contract, so that one logger is limited to errors (only when CUDA is absent).
+# --------------------------------------------------------------------------------------------
+def _patch_cuda_home_probe_log():
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 _REDIRECTS = (
+    ("cuda_home_probe_log", _patch_cuda_home_probe_log),
     ("rng_tracker", _patch_rng_tracker),
     ("torch_cuda", _patch_torch_cuda),
     ("clip_grads", _patch_clip_grads),
@@ -355,8 +368,9 @@ def apply(force: bool = False, skip: tuple = ()) -> bool:
     unknown = set(skip) - set(REDIRECT_NAMES)
     if unknown:
         raise ValueError(f"unknown redirect(s) {sorted(unknown)}; known: {REDIRECT_NAMES}")
-    check_mcore_version()
     for name, patch in _REDIRECTS:
+        if name == "rng_tracker":  # the first that patches megatron-core; the log redirect goes before
+            check_mcore_version()  # (importing megatron-core already imports torch.utils.cpp_extension)
         if name not in skip:
             patch()
             _applied.append(name)

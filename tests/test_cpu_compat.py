@@ -15,6 +15,15 @@ import selfmoe  # noqa: F401
 from selfmoe import cpu_compat
 
 
+def spot_cuda_home_probe_log():
+    skip = [n for n in cpu_compat.REDIRECT_NAMES if n not in cpu_compat.applied_redirects()]
+    code = (f"from selfmoe import cpu_compat; cpu_compat.apply(skip={skip!r}); "
+            "import torch.utils.cpp_extension")
+    env = dict(os.environ, SELFMOE_CPU_COMPAT="0", CUDA_HOME=os.path.dirname(__file__))  # any existing dir
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "No CUDA runtime" not in r.stderr, r.stderr[-2000:]
+
+
 def spot_rng_tracker():
     from megatron.core import tensor_parallel
 
