@@ -31,7 +31,7 @@ import selfmoe  # noqa: F401
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from selfmoe.config import make_config
-from selfmoe.model import build_gpt_model, moe_layers
+from selfmoe.models import build_gpt_model, moe_layers
 from selfmoe.routers import get_router_class
 
 CASES = {

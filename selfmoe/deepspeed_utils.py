@@ -17,7 +17,7 @@ import os
 import torch
 from megatron.core import parallel_state as ps
 
-from selfmoe.model import moe_layers
+from selfmoe.routers import moe_layers
 
 
 class MegatronMPU:

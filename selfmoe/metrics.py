@@ -12,7 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from selfmoe.model import moe_layers
+from selfmoe.routers import moe_layers
 
 
 def routing_metrics(counts: torch.Tensor, k_hist: torch.Tensor) -> dict:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import tiny_config
-from selfmoe.model import build_gpt_model
+from selfmoe.models import build_gpt_model
 from selfmoe.routers.routing_free import routing_free_routers
 from selfmoe.training.checkpointing import load_checkpoint, save_checkpoint
 

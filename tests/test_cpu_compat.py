@@ -95,7 +95,7 @@ def spot_optimizer_tensor_types():
     from helpers import tiny_config
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from selfmoe.model import build_gpt_model
+    from selfmoe.models import build_gpt_model
 
     cfg = tiny_config("self")
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True),

@@ -54,7 +54,7 @@ def _worker(rank, port, out, router, ckpt_dir):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from selfmoe import deepspeed_utils
-    from selfmoe.model import build_gpt_model
+    from selfmoe.models import build_gpt_model
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ps.initialize_model_parallel(1, 1)
@@ -97,7 +97,7 @@ def _ep_worker(rank, port, out, router, tmp):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from selfmoe import deepspeed_utils
-    from selfmoe.model import build_gpt_model
+    from selfmoe.models import build_gpt_model
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     init = os.path.join(tmp, "init")
@@ -144,7 +144,7 @@ def _ep_worker(rank, port, out, router, tmp):
 
 def reference_losses(router, ep=1):
     """One process, plain torch AdamW, the whole global batch: no DeepSpeed involved."""
-    from selfmoe.model import build_gpt_model
+    from selfmoe.models import build_gpt_model
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(1)

@@ -5,7 +5,7 @@ import torch
 
 from helpers import tiny_config
 from selfmoe.metrics import RoutingStats, parameter_counts, routing_metrics
-from selfmoe.model import build_gpt_model
+from selfmoe.models import build_gpt_model
 
 
 def test_hand_computed_metrics():

@@ -62,7 +62,7 @@ def _worker(rank, world, port, root, out):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from selfmoe import deepspeed_utils
-    from selfmoe.model import build_gpt_model
+    from selfmoe.models import build_gpt_model
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     ps.initialize_model_parallel(1, 1)

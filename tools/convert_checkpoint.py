@@ -95,7 +95,7 @@ def to_safetensors(args):
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
-    from selfmoe.model import build_gpt_model
+    from selfmoe.models import build_gpt_model
 
     ckpt = resolve_checkpoint(args.load, args.iteration)
     common = dist_checkpointing.load_common_state_dict(ckpt)
@@ -129,7 +129,7 @@ def from_safetensors(args):
     from megatron.core import dist_checkpointing
     from safetensors import safe_open
 
-    from selfmoe.model import build_gpt_model
+    from selfmoe.models import build_gpt_model
     from selfmoe.training.checkpointing import TRACKER_FILE, _write_atomically, checkpoint_dir
 
     with safe_open(args.input, "pt") as f:

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 # megatron.core (imported by `selfmoe`) warns about Apex/TE on every CPU box; keep stderr for our lines
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-from selfmoe.data.tokenizers import train_tokenizer_main  # noqa: E402
+from selfmoe.data.train_tokenizer import train_tokenizer_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(train_tokenizer_main())

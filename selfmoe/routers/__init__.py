@@ -35,3 +35,16 @@ def get_router_class(name: str):
         raise ValueError(f"unknown router {name!r}; choose from {', '.join(ROUTERS)}")
     module, cls, _, _ = ROUTERS[name]
     return getattr(importlib.import_module(module), cls)
+
+
+def moe_layers(model) -> list:
+    """Every Megatron-Core MoE layer of a model (or of a list of pipeline model chunks), in order."""
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for c in chunks for m in c.modules() if isinstance(m, BaseMoELayer)]
+
+
+def routers(model) -> list:
+    """The router of every MoE layer of a model, in layer order."""
+    return [layer.router for layer in moe_layers(model)]

@@ -193,7 +193,7 @@ def prepare_layers(model) -> None:
     """
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-    from selfmoe.model import moe_layers
+    from selfmoe.routers import moe_layers
 
     for layer in moe_layers(model):
         if isinstance(layer.experts, AoEExperts):

@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from selfmoe.model import build_gpt_model
+from selfmoe.models import build_gpt_model
 from selfmoe.training.arguments import build_tokenizer_from_args, parse_blend
 from selfmoe.training.distributed import is_last_rank
 

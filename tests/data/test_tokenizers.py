@@ -10,7 +10,8 @@ import re
 import pytest
 
 from selfmoe.data.preprocess import preprocess
-from selfmoe.data.tokenizers import TokenizerError, build_tokenizer, bundled_gpt2_files, train_tokenizer_main
+from selfmoe.data.tokenizers import TokenizerError, build_tokenizer, bundled_gpt2_files
+from selfmoe.data.train_tokenizer import train_tokenizer_main
 
 SAMPLES = [
     "Hello world",

@@ -33,7 +33,7 @@ def _worker(rank, world, port, tmp, routers):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from selfmoe.model import build_gpt_model, moe_layers
+    from selfmoe.models import build_gpt_model, moe_layers
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from selfmoe.model import build_gpt_model, routers
+from selfmoe.models import build_gpt_model, routers
 from selfmoe.routers.hash_router import HashRouter
 from selfmoe.routers.random_router import RandomRouter
 

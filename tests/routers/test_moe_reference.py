@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import brute_force_moe, tiny_config
-from selfmoe.model import build_gpt_model, moe_layers
+from selfmoe.models import build_gpt_model, moe_layers
 from selfmoe.routers import available_routers, get_router_class
 
 ROUTERS = available_routers()

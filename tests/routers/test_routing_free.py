@@ -3,7 +3,7 @@ import torch
 
 from helpers import brute_force_moe, tiny_config
 from megatron.core import dist_checkpointing
-from selfmoe.model import build_gpt_model, moe_layers
+from selfmoe.models import build_gpt_model, moe_layers
 from selfmoe.routers.routing_free import (RoutingFreeRouter, balance_losses, routing_free_routers, set_theta,
                                           update_balance_coefficient)
 

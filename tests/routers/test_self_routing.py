@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from selfmoe.model import build_gpt_model
+from selfmoe.models import build_gpt_model
 from selfmoe.routers.self_routing import SelfRouter
 
 

@@ -1,21 +1,17 @@
-"""The model builder: a Megatron-Core GPTModel whose MoE layers use the configured router.
+"""The GPT builder: a Megatron-Core GPTModel whose MoE layers use the configured router.
 
-Training scripts, tests and benchmarks all build models here, so there is one code path.
+Training scripts, tests and benchmarks all build GPT models here, so there is one code path.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from selfmoe import mcore_compat
 from selfmoe.config import SelfMoEConfig
-from selfmoe.routers import get_router_class
+from selfmoe.models.moe_spec import prepare_moe, with_moe_router
 
 
 def transformer_layer_spec(config: SelfMoEConfig) -> ModuleSpec:
@@ -25,16 +21,7 @@ def transformer_layer_spec(config: SelfMoEConfig) -> ModuleSpec:
         moe_grouped_gemm=False,
         normalization=config.normalization,
     )
-    if not config.num_moe_experts:
-        return spec  # dense baseline
-    swap = dict(router=get_router_class(config.moe_router_type))
-    if config.moe_router_type == "routing-free":
-        from selfmoe.routers.routing_free import AoEExperts
-
-        if config.routing_free_expert_type == "aoe":
-            swap["experts"] = ModuleSpec(module=AoEExperts)
-    mlp = mcore_compat.replace_moe_submodules(spec.submodules.mlp, **swap)
-    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
+    return with_moe_router(spec, config)
 
 
 class SelfMoEGPTModel(GPTModel):
@@ -85,19 +72,6 @@ def build_gpt_model(config: SelfMoEConfig, pre_process: bool | None = None, post
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
     model = SelfMoEGPTModel(**kwargs)
-    if config.num_moe_experts and config.moe_router_type == "routing-free":
-        from selfmoe.routers.routing_free import prepare_layers
-
-        prepare_layers(model)
+    prepare_moe(model, config)
     return model
 
-
-def moe_layers(model):
-    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
-
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    return [m for c in chunks for m in c.modules() if isinstance(m, BaseMoELayer)]
-
-
-def routers(model) -> list[torch.nn.Module]:
-    return [layer.router for layer in moe_layers(model)]
