@@ -1,29 +1,35 @@
-"""Convert between selfmoe/Megatron-Core distributed checkpoints and a single safetensors file.
+"""Convert selfmoe checkpoints: Hugging Face export/import, upcycling, router swaps, resharding.
 
-    # dist checkpoint (any parallel layout) -> one safetensors file of the 1-rank model
+    # dist checkpoint (any parallel layout) -> a folder AutoModelForCausalLM.from_pretrained reads
+    python tools/convert_checkpoint.py export-hf --load checkpoints/run --output hf/run
+    # Hugging Face Mixtral / Llama / Mistral / GPT-2 safetensors folder -> dist checkpoint (weights,
+    # iteration 0); it prints the pretrain_gpt.py flags that continue from it with --finetune
+    python tools/convert_checkpoint.py import-hf --input hf/model --save checkpoints/imported
+    # dense -> MoE with E copies of the FFN (Sparse Upcycling); learned MoE -> another router
+    python tools/convert_checkpoint.py upcycle --load checkpoints/dense --save checkpoints/moe \
+        --num-experts 8 --moe-router-topk 2 --moe-router-type self
+    python tools/convert_checkpoint.py swap-router --load checkpoints/moe --save checkpoints/moe-self --moe-router-type self
+    # another TP/PP/EP layout offline (launches the ranks itself); DeepSpeed -> dist checkpoint
+    python tools/convert_checkpoint.py reshard --load checkpoints/run --save checkpoints/run-tp2 --tensor-model-parallel-size 2
+    python tools/convert_checkpoint.py from-deepspeed --load checkpoints/ds-run --save checkpoints/from-ds
+    # Routing-Free's threshold at evaluation time: loss/PPL and experts per token for each theta
+    python tools/convert_checkpoint.py theta-sweep --load checkpoints/rf --data-path data/owt_text_document --thetas 0.5,1,2
+    # one safetensors file of our own parameter names, and back
     python tools/convert_checkpoint.py to-safetensors --load checkpoints/run --output run.safetensors
-
-    # safetensors -> a dist checkpoint that pretrain_gpt.py --load can start from (weights only;
-    # the run then begins at iteration 0 of a fresh optimizer: pass --no-load-optim --no-load-rng)
     python tools/convert_checkpoint.py from-safetensors --input run.safetensors --save checkpoints/new
 
-Both directions go through the real model: the checkpoint is resharded to one rank by
-Megatron-Core's dist_checkpointing, so the file holds exactly the state_dict of the
-world-size-1 GPTModel (router state such as Routing-Free's lambda included), and the model
-config travels in the file's metadata.
+Every command reads any parallel layout (dist_checkpointing reshards on load), checks its inputs
+before writing anything (`error: ...`, exit 2), writes under a temporary name, renames at the
+end and never overwrites an existing output. The library is selfmoe/conversion/.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-CONFIG_KEY = "selfmoe_config"
 
 
 def fail(msg: str):
@@ -31,144 +37,246 @@ def fail(msg: str):
     sys.exit(2)
 
 
-def config_from_fingerprint(fp: dict):
-    """Rebuild a SelfMoEConfig from the fields a checkpoint stores (functions follow Megatron-LM's flags)."""
-    import torch.nn.functional as F
+def _quiet_transformers():
+    import transformers
 
-    from selfmoe.config import SelfMoEConfig
-
-    names = {f.name for f in dataclasses.fields(SelfMoEConfig) if f.init}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fp.items() if k in names}
-    # one rank, no parallelism: the file is layout-free
-    for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
-              "expert_tensor_parallel_size", "context_parallel_size", "virtual_pipeline_model_parallel_size",
-              "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
-        kw.pop(k, None)
-    kw["sequence_parallel"] = False
-    kw["activation_func"] = F.silu if kw.get("gated_linear_unit") else F.gelu
-    kw.pop("bf16", None), kw.pop("fp16", None)
-    return SelfMoEConfig(**kw)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
-def init_one_rank():
-    import torch.distributed as dist
+def cmd_to_safetensors(args):
+    import json
 
-    import selfmoe  # noqa: F401
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    ps.destroy_model_parallel()
-    ps.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def resolve_checkpoint(path: str, iteration: int | None) -> str:
-    from selfmoe.training.checkpointing import checkpoint_dir, read_latest_iteration
-
-    if os.path.isfile(os.path.join(path, "metadata.json")):
-        return path  # already an iter_XXXXXXX directory
-    it = iteration if iteration is not None else read_latest_iteration(path)
-    if it is None:
-        fail(f"--load {path}: no latest_checkpointed_iteration.txt and no --iteration")
-    d = checkpoint_dir(path, it)
-    if not os.path.isdir(d):
-        fail(f"--load {path}: checkpoint directory {d} does not exist")
-    return d
-
-
-def to_safetensors(args):
-    if not os.path.exists(args.load):
-        fail(f"--load {args.load}: no such checkpoint directory")
-    init_one_rank()
-    from megatron.core import dist_checkpointing
+    import torch
     from safetensors.torch import save_file
 
-    from selfmoe.models import build_gpt_model
+    from selfmoe.conversion.common import check_new_output, load_model
 
-    ckpt = resolve_checkpoint(args.load, args.iteration)
-    common = dist_checkpointing.load_common_state_dict(ckpt)
-    if "config" not in common:
-        fail(f"{ckpt}: not a selfmoe checkpoint (no model config in it)")
-    cfg = config_from_fingerprint(common["config"])
-    model = build_gpt_model(cfg)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
-    model.load_state_dict(state["model"], strict=True)
-    tensors, seen = {}, {}
+    check_new_output(args.output, "--output")
+    model, cfg, common = load_model(args.load, args.iteration)
+    tensors, seen = {}, set()
     for k, v in model.state_dict().items():
-        if not hasattr(v, "data_ptr") or k.endswith("_extra_state"):
-            continue
-        if v.data_ptr() in seen:  # tied embeddings: stored once, like HF does
-            continue
-        seen[v.data_ptr()] = k
+        if not torch.is_tensor(v) or k.endswith("_extra_state") or v.data_ptr() in seen:
+            continue  # tied embeddings: stored once, like HF does
+        seen.add(v.data_ptr())
         tensors[k] = v.detach().contiguous().clone()
-    meta = {CONFIG_KEY: json.dumps(common["config"]), "iteration": str(common.get("iteration", 0))}
-    tmp = f"{args.output}.tmp{os.getpid()}"
+    meta = {"selfmoe_config": json.dumps(common["config"]), "iteration": str(common.get("iteration", 0))}
+    tmp = os.path.join(os.path.dirname(os.path.abspath(args.output)), f".tmp_{os.path.basename(args.output)}_{os.getpid()}")
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, args.output)
-    n = sum(t.numel() for t in tensors.values())
-    print(f"wrote {args.output}: {len(tensors)} tensors, {n:,} values, from {ckpt}")
+    print(f"wrote {args.output}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} values")
 
 
-def from_safetensors(args):
-    if not os.path.isfile(args.input):
-        fail(f"--input {args.input}: no such file")
-    init_one_rank()
+def cmd_from_safetensors(args):
+    import json
+
     import torch
-    from megatron.core import dist_checkpointing
     from safetensors import safe_open
 
+    from selfmoe.conversion.common import (ConversionError, check_new_output, config_from_fingerprint,
+                                           init_one_rank, save_model)
     from selfmoe.models import build_gpt_model
-    from selfmoe.training.checkpointing import TRACKER_FILE, _write_atomically, checkpoint_dir
 
+    if not os.path.isfile(args.input):
+        raise ConversionError(f"--input {args.input}: no such file")
+    check_new_output(args.save, "--save")
+    init_one_rank()
     with safe_open(args.input, "pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if CONFIG_KEY not in meta:
-        fail(f"--input {args.input}: no '{CONFIG_KEY}' metadata (write it with to-safetensors)")
-    fp = json.loads(meta[CONFIG_KEY])
-    model = build_gpt_model(config_from_fingerprint(fp))
+    if "selfmoe_config" not in meta:
+        raise ConversionError(f"--input {args.input}: no 'selfmoe_config' metadata (write it with to-safetensors)")
+    cfg = config_from_fingerprint(json.loads(meta["selfmoe_config"]))
+    model = build_gpt_model(cfg)
     sd = model.state_dict()
+    ptrs = {sd[t].data_ptr() for t in tensors if t in sd}
     missing = [k for k, v in sd.items() if torch.is_tensor(v) and k not in tensors and not k.endswith("_extra_state")
-               and not any(v.data_ptr() == sd[t].data_ptr() for t in tensors if t in sd)]
+               and v.data_ptr() not in ptrs]
     if missing:
-        fail(f"--input {args.input}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise ConversionError(f"--input {args.input}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    bad = [k for k, v in tensors.items() if k in sd and sd[k].shape != v.shape]
+    if bad:
+        raise ConversionError(f"--input {args.input}: {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, the config "
+                              f"says {tuple(sd[bad[0]].shape)}")
     model.load_state_dict(tensors, strict=False)
-    final = checkpoint_dir(args.save, 0)
-    if os.path.exists(final):
-        fail(f"--save {args.save}: {final} already exists")
-    tmp = os.path.join(args.save, f".tmp_convert_{os.getpid()}")
-    os.makedirs(tmp)
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0, "consumed_train_samples": 0,
-                             "world_size": 1, "config": fp, "checkpoint_version": 1, "args": {}}, tmp)
-    os.replace(tmp, final)
-    _write_atomically(os.path.join(args.save, TRACKER_FILE), "0")
-    print(f"wrote {final} (weights only): resume with --load {args.save} --no-load-optim --no-load-rng")
+    final = save_model(model, cfg, args.save)
+    print(f"wrote {final} (weights only): continue with --load {args.save} --finetune")
+
+
+def cmd_export_hf(args):
+    _quiet_transformers()
+    from selfmoe.conversion import hf
+    from selfmoe.conversion.common import check_new_output, load_model
+
+    check_new_output(args.output, "--output")
+    model, cfg, common = load_model(args.load, args.iteration)
+    what, notes = hf.export(model, cfg, args.output, run_args=common.get("args") or {},
+                            max_shard_size=args.max_shard_size)
+    for n in notes:
+        print(n)
+    print(f"wrote {args.output}: {what}" + (" (AutoModelForCausalLM.from_pretrained loads it)"
+                                             if what != "selfmoe safetensors" else ""))
+
+
+def cmd_import_hf(args):
+    _quiet_transformers()
+    from selfmoe.conversion import hf
+    from selfmoe.conversion.common import check_new_output, init_one_rank, pretrain_flags, save_model
+    from selfmoe.models import build_gpt_model
+
+    check_new_output(args.save, "--save")
+    init_one_rank()
+    model_hf, hc, cfg = hf.load_hf(args.input)
+    cfg, sd, notes = hf.import_state_dict(model_hf, hc, cfg)
+    model = build_gpt_model(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:  # a weight map bug, never a user error: say so loudly
+        raise RuntimeError(f"import weight map mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    final = save_model(model, cfg, args.save)
+    for n in notes:
+        print(n)
+    print(f"wrote {final} from {hf.IMPORTABLE[hc.model_type]} (weights only, iteration 0)")
+    print("continue with: pretrain_gpt.py --load " + args.save + " --finetune --make-vocab-size-divisible-by 1 "
+          + " ".join(pretrain_flags(cfg)))
+
+
+def _router_options(args) -> dict:
+    sub = args.self_routing_subspace
+    if sub not in (None, "last", "first"):
+        try:
+            sub = tuple(int(i) for i in sub.split(","))
+        except ValueError:
+            fail(f"--self-routing-subspace {sub}: expected last, first or comma-separated channel ids")
+    return dict(self_routing_subspace=sub, self_routing_temperature=args.self_routing_temperature,
+                routing_free_rank=args.routing_free_rank, routing_free_theta=args.routing_free_theta,
+                routing_free_expert_type=args.routing_free_expert_type)
+
+
+def cmd_upcycle(args):
+    from selfmoe.conversion import upcycle as up
+    from selfmoe.conversion.common import check_new_output, load_model, save_model
+
+    check_new_output(args.save, "--save")
+    dense, dense_cfg, _ = load_model(args.load, args.iteration)
+    moe_cfg = up.upcycled_config(dense_cfg, num_experts=args.num_experts, topk=args.moe_router_topk,
+                                 router=args.moe_router_type, **_router_options(args))
+    moe = up.upcycle(dense, dense_cfg, moe_cfg, seed=args.seed)
+    final = save_model(moe, moe_cfg, args.save)
+    exact = "equals the dense model at step 0" if up.EXACT_AT_STEP0[args.moe_router_type] else \
+        "does NOT equal the dense model at step 0 (unnormalised gates over a variable number of experts)"
+    print(f"wrote {final}: {args.num_experts} copies of the dense FFN, {up.describe(moe_cfg)}; {exact}")
+
+
+def cmd_swap_router(args):
+    from selfmoe.conversion import upcycle as up
+    from selfmoe.conversion.common import check_new_output, load_model, save_model
+
+    check_new_output(args.save, "--save")
+    model, cfg, _ = load_model(args.load, args.iteration)
+    new, new_cfg = up.swap_router(model, cfg, args.moe_router_type, seed=args.seed, **_router_options(args))
+    final = save_model(new, new_cfg, args.save)
+    print(f"wrote {final}: experts kept, {cfg.moe_router_type} router -> {up.describe(new_cfg)}")
+
+
+def cmd_reshard(args):
+    from selfmoe.conversion import reshard
+
+    reshard.main(args)
+
+
+def cmd_from_deepspeed(args):
+    from selfmoe.conversion import reshard
+    from selfmoe.conversion.common import check_new_output, save_model
+
+    check_new_output(args.save, "--save")
+    model, cfg, path = reshard.load_deepspeed(args.load, args.tag)
+    final = save_model(model, cfg, args.save)
+    print(f"wrote {final} from DeepSpeed checkpoint {path} (weights only): continue with --load {args.save} --finetune")
+
+
+def cmd_theta_sweep(args):
+    from selfmoe.conversion import reshard
+
+    reshard.theta_sweep(args)
+
+
+def add_router_flags(p):
+    p.add_argument("--moe-router-type", required=True, choices=("learned", "self", "random", "hash", "routing-free"))
+    p.add_argument("--self-routing-subspace", default=None, help="last | first | comma-separated channel ids")
+    p.add_argument("--self-routing-temperature", type=float, default=None)
+    p.add_argument("--routing-free-rank", type=int, default=None)
+    p.add_argument("--routing-free-theta", type=float, default=None)
+    p.add_argument("--routing-free-expert-type", choices=("aoe", "mlp"), default=None)
+    p.add_argument("--seed", type=int, default=1234, help="router initialisation")
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def cmd(name, fn, help):
+        s = sub.add_parser(name, help=help)
+        s.set_defaults(fn=fn)
+        return s
+
+    def load(s):
+        s.add_argument("--load", required=True, help="a --save directory or one iter_XXXXXXX directory in it")
+        s.add_argument("--iteration", type=int, default=None, help="default: the latest")
+
+    s = cmd("export-hf", cmd_export_hf, "dist checkpoint -> Hugging Face folder (or our safetensors + config)")
+    load(s)
+    s.add_argument("--output", required=True)
+    s.add_argument("--max-shard-size", default="2GB")
+    s = cmd("import-hf", cmd_import_hf, "Hugging Face Mixtral/Llama/Mistral/GPT-2 folder -> dist checkpoint")
+    s.add_argument("--input", required=True)
+    s.add_argument("--save", required=True)
+    s = cmd("upcycle", cmd_upcycle, "dense dist checkpoint -> MoE with E copies of the FFN")
+    load(s)
+    s.add_argument("--save", required=True)
+    s.add_argument("--num-experts", type=int, required=True)
+    s.add_argument("--moe-router-topk", type=int, default=2)
+    add_router_flags(s)
+    s = cmd("swap-router", cmd_swap_router, "MoE dist checkpoint -> the same experts under another router")
+    load(s)
+    s.add_argument("--save", required=True)
+    add_router_flags(s)
+    s = cmd("reshard", cmd_reshard, "dist checkpoint -> dist checkpoint saved in another TP/PP/EP layout")
+    load(s)
+    s.add_argument("--save", required=True)
+    s.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    s.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    s.add_argument("--expert-model-parallel-size", type=int, default=1)
+    s.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    s = cmd("from-deepspeed", cmd_from_deepspeed, "DeepSpeed checkpoint (ZeRO 0-3) -> dist checkpoint")
+    s.add_argument("--load", required=True, help="the DeepSpeed --save directory")
+    s.add_argument("--tag", default=None, help="default: the one named by `latest`")
+    s.add_argument("--save", required=True)
+    s = cmd("theta-sweep", cmd_theta_sweep, "Routing-Free: loss/PPL and experts per token for a list of theta")
+    load(s)
+    s.add_argument("--data-path", required=True, help="a Megatron indexed dataset prefix (.bin/.idx)")
+    s.add_argument("--thetas", required=True, help="comma-separated, e.g. 0.5,1,2")
+    s.add_argument("--seq-length", type=int, default=None, help="default: the model's max_position_embeddings")
+    s.add_argument("--eval-tokens", type=int, default=16384, help="tokens evaluated, from the end of the corpus")
+    s.add_argument("--micro-batch-size", type=int, default=4)
+    s = cmd("to-safetensors", cmd_to_safetensors, "dist checkpoint -> one safetensors file of our names")
+    load(s)
+    s.add_argument("--output", required=True)
+    s = cmd("from-safetensors", cmd_from_safetensors, "safetensors file of our names -> dist checkpoint")
+    s.add_argument("--input", required=True)
+    s.add_argument("--save", required=True)
+    return p
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("to-safetensors", help="dist checkpoint -> one safetensors file")
-    a.add_argument("--load", required=True, help="a --save directory or one iter_XXXXXXX directory in it")
-    a.add_argument("--iteration", type=int, default=None, help="default: the latest")
-    a.add_argument("--output", required=True)
-    b = sub.add_parser("from-safetensors", help="safetensors file -> dist checkpoint (weights only)")
-    b.add_argument("--input", required=True)
-    b.add_argument("--save", required=True)
-    args = p.parse_args(argv)
-    (to_safetensors if args.cmd == "to-safetensors" else from_safetensors)(args)
+    args = parser().parse_args(argv)
+    import selfmoe  # noqa: F401  (CPU compatibility layer before megatron is used)
+    from selfmoe.conversion.common import ConversionError
+
+    try:
+        args.fn(args)
+    except ConversionError as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def init_one_rank(seed: int = 0) -> None:
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if "WORLD_SIZE" not in os.environ or "MASTER_PORT" not in os.environ:  # not under torchrun: a free port
+            os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
     if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() != 1 \
             or ps.get_pipeline_model_parallel_world_size() != 1 or ps.get_expert_model_parallel_world_size() != 1:

@@ -260,11 +260,13 @@ def from_hf_state_dict(hsd: dict, cfg, arch: str) -> dict:
                 out[p + ours + ".bias"] = g(h + theirs + ".bias")
             q, k, v = hsd[h + "attn.c_attn.weight"].t().split(H, dim=0)
             out[p + "self_attention.linear_qkv.weight"] = _fuse_qkv(q, k, v, cfg).contiguous()
-            out[p + "self_attention.linear_qkv.bias"] = _fuse_qkv(*hsd[h + "attn.c_attn.bias"].split(H), cfg).clone()
+            if cfg.add_bias_linear:
+                out[p + "self_attention.linear_qkv.bias"] = _fuse_qkv(*hsd[h + "attn.c_attn.bias"].split(H), cfg).clone()
             for ours, theirs in (("self_attention.linear_proj", "attn.c_proj"), ("mlp.linear_fc1", "mlp.c_fc"),
                                  ("mlp.linear_fc2", "mlp.c_proj")):
                 out[p + ours + ".weight"] = g(h + theirs + ".weight").t().contiguous()
-                out[p + ours + ".bias"] = g(h + theirs + ".bias")
+                if cfg.add_bias_linear:
+                    out[p + ours + ".bias"] = g(h + theirs + ".bias")
         out["decoder.final_layernorm.weight"] = g("transformer.ln_f.weight")
         out["decoder.final_layernorm.bias"] = g("transformer.ln_f.bias")
         if cfg.untie_embeddings_and_output_weights:
@@ -311,14 +313,18 @@ def tokenizer_files(args: dict):
     t = (args or {}).get("tokenizer_type")
     try:
         if t == "GPT2BPETokenizer":
-            from transformers import GPT2TokenizerFast
+            from transformers import GPT2Tokenizer
 
             from selfmoe.data.tokenizers import bundled_gpt2_files
 
-            vocab, merges = args.get("vocab_file"), args.get("merge_file")
-            if not vocab or not merges:
-                vocab, merges = bundled_gpt2_files()
-            tok = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges)
+            vocab_file, merge_file = args.get("vocab_file"), args.get("merge_file")
+            if not vocab_file or not merge_file:
+                vocab_file, merge_file = bundled_gpt2_files()
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = json.load(f)
+            with open(merge_file, encoding="utf-8") as f:  # "#version" header, then "a b" per line
+                merges = [tuple(ln.split()) for ln in f.read().split("\n")[1:] if ln.strip()]
+            tok = GPT2Tokenizer(vocab=vocab, merges=merges)
             return tok, {"bos": tok.eos_token_id, "eos": tok.eos_token_id}
         if t == "HuggingFaceTokenizer" and args.get("tokenizer_model"):
             from transformers import AutoTokenizer
@@ -475,8 +481,12 @@ def config_from_hf(hc, raw: dict):
     ours = raw.get(HF_CONFIG_KEY)
     if ours:  # exported by us: restore the exact config if the architecture agrees with it
         cfg = config_from_fingerprint(ours)
-        if all(getattr(cfg, k) == v for k, v in kw.items() if k not in ("moe_router_type", "moe_aux_loss_coeff",
-                                                                         "moe_router_load_balancing_type")):
+        skip = {"moe_router_type", "moe_aux_loss_coeff", "moe_router_load_balancing_type"}
+        if kw.get("num_moe_experts"):
+            skip.add("ffn_hidden_size")  # Mixtral has only the experts' size; ours keeps the dense one too
+        if mt == "gpt2":
+            skip |= {"add_bias_linear", "add_qkv_bias"}  # GPT-2 always has biases: zeros if ours had none
+        if all(getattr(cfg, k) == v for k, v in kw.items() if k not in skip):
             return cfg
     try:
         return make_config(style, **kw)
@@ -512,6 +522,10 @@ def import_state_dict(hf, hc, cfg):
         arch = "LlamaForCausalLM"  # same parameter names and math (no sliding window, checked)
     hsd = hf.state_dict()
     notes = []
+    if arch == "GPT2LMHeadModel" and not cfg.add_bias_linear:
+        lin = [v for k, v in hsd.items() if k.endswith(("c_attn.bias", "c_proj.bias", "c_fc.bias"))]
+        if any(bool(v.any()) for v in lin):  # biases trained since our export: keep them
+            cfg = dataclasses.replace(cfg, add_bias_linear=True, add_qkv_bias=True)
     if cfg.num_moe_experts and cfg.moe_router_type == "self":
         W = self_routing_gate(cfg)
         if not all(torch.equal(hsd[f"model.layers.{i}.mlp.gate.weight"], W) for i in range(cfg.num_layers)):
