@@ -70,9 +70,8 @@ def main(args) -> None:
     check_layout(fp, lay)
     check_new_output(args.save, "--save")
     n = world_size_for(lay)
-    tool = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else \
-        os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools",
-                     "convert_checkpoint.py")
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools",
+                        "convert_checkpoint.py")
     argv = ["reshard", "--load", ckpt, "--save", args.save,
             "--tensor-model-parallel-size", str(lay["tp"]), "--pipeline-model-parallel-size", str(lay["pp"]),
             "--expert-model-parallel-size", str(lay["ep"]), "--expert-tensor-parallel-size", str(lay["etp"])]

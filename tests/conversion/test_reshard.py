@@ -21,7 +21,7 @@ import convert_checkpoint  # noqa: E402
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--expert-model-parallel-size", "2"],
-                                    ["--pipeline-model-parallel-size", "2"]])
+                                    ["--pipeline-model-parallel-size", "2"]], ids=["tp2", "ep2", "pp2"])
 def test_reshard_keeps_model_and_exports_from_the_new_layout(mp, tmp_path, capsys, monkeypatch, layout):
     import transformers
 
