@@ -160,9 +160,12 @@ def load_deepspeed(root: str, tag: str | None):
             raise ConversionError(f"--load {root}: no `latest` file and no --tag (not a DeepSpeed checkpoint?)")
         tag = open(latest).read().strip()
     path = os.path.join(root, tag)
-    states = os.path.join(path, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(states):
-        raise ConversionError(f"--load {root}: {states} does not exist")
+    # ZeRO 0-2 write mp_rank_00_model_states.pt, ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+    if not found:
+        raise ConversionError(f"--load {root}: {path} holds no {names[0]} (or {names[1]})")
+    states = found[0]
     if any(n.startswith("expp_rank_") or n.startswith("layer_") for n in os.listdir(path)):
         raise ConversionError(f"--load {root}: expert-parallel DeepSpeed checkpoints (expp_rank_* files) are not "
                               f"supported; convert with ds_to_universal first")

@@ -90,3 +90,33 @@ def test_theta_sweep(mp, tmp_path, capsys):
     with torch.no_grad():
         loss = model(x[:-1].view(8, 16), torch.arange(16)[None].expand(8, 16), None, labels=x[1:].view(8, 16)).mean()
     assert abs(float(rows[1][1]) - loss.item()) < 1e-4
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_from_deepspeed(mp, tmp_path, capsys, monkeypatch, stage):
+    from megatron.core import tensor_parallel
+
+    from selfmoe import deepspeed_utils
+    from selfmoe.config import config_fingerprint
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = tiny_config("learned", style="mixtral")
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    engine, _ = deepspeed_utils.initialize(build_gpt_model(cfg), {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+        "zero_optimization": {"stage": stage}})
+    ids = probe_tokens(64, 16)
+    engine.backward(lm_loss(engine, ids))
+    engine.step()  # the saved weights are not the initial ones
+    engine.eval()
+    with torch.no_grad():
+        ref = lm_loss(engine, ids).item()
+    engine.save_checkpoint(str(tmp_path / "ds"), tag="iter_0000001",
+                           client_state={"config": config_fingerprint(cfg), "iteration": 1})
+    convert_checkpoint.main(["from-deepspeed", "--load", str(tmp_path / "ds"), "--save", str(tmp_path / "dist")])
+    assert "wrote" in capsys.readouterr().out
+    model, _, common = load_model(str(tmp_path / "dist"))
+    assert common["iteration"] == 0
+    with torch.no_grad():
+        assert abs(lm_loss(model, ids).item() - ref) < 1e-6
