@@ -111,7 +111,7 @@ def cmd_export_hf(args):
     check_new_output(args.output, "--output")
     model, cfg, common = load_model(args.load, args.iteration)
     what, notes = hf.export(model, cfg, args.output, run_args=common.get("args") or {},
-                            max_shard_size=args.max_shard_size)
+                            max_shard_size=args.max_shard_size, dtype=args.dtype)
     for n in notes:
         print(n)
     print(f"wrote {args.output}: {what}" + (" (AutoModelForCausalLM.from_pretrained loads it)"
@@ -228,6 +228,8 @@ def parser():
     load(s)
     s.add_argument("--output", required=True)
     s.add_argument("--max-shard-size", default="2GB")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the written weights (the logits check holds for float32)")
     s = cmd("import-hf", cmd_import_hf, "Hugging Face Mixtral/Llama/Mistral/GPT-2 folder -> dist checkpoint")
     s.add_argument("--input", required=True)
     s.add_argument("--save", required=True)
