@@ -20,13 +20,17 @@ import convert_checkpoint  # noqa: E402
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--expert-model-parallel-size", "2"],
-                                    ["--pipeline-model-parallel-size", "2"]], ids=["tp2", "ep2", "pp2"])
-def test_reshard_keeps_model_and_exports_from_the_new_layout(mp, tmp_path, capsys, monkeypatch, layout):
+@pytest.mark.parametrize("layout,router,style", [
+    (["--tensor-model-parallel-size", "2"], "self", "mixtral"),  # Self-Routing -> Mixtral from a TP=2 source
+    (["--expert-model-parallel-size", "2"], "learned", "mixtral"),
+    (["--pipeline-model-parallel-size", "2"], None, "gpt2"),  # dense GPT-2 from a PP=2 source
+], ids=["tp2-self", "ep2-learned", "pp2-gpt2"])
+def test_reshard_keeps_model_and_exports_from_the_new_layout(mp, tmp_path, capsys, monkeypatch, layout, router, style):
     import transformers
 
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    cfg = tiny_config("learned", style="mixtral", num_query_groups=2)
+    dense = dict(num_moe_experts=None, moe_ffn_hidden_size=None) if router is None else {}
+    cfg = tiny_config(router or "learned", style=style, num_query_groups=2 if style == "mixtral" else None, **dense)
     model = build_gpt_model(cfg).eval()
     root = str(tmp_path / "one")
     save_checkpoint(root, 5, [model], None, None, cfg, consumed_train_samples=0)
