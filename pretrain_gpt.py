@@ -43,12 +43,13 @@ def main(argv=None):
     except ArgumentError as e:
         fail(str(e))
     from selfmoe.training import gpt
-    from selfmoe.training.checkpointing import CheckpointError
+    from selfmoe.training.errors import InputError
     from selfmoe.training.trainer import TrainingDiverged, pretrain
 
     try:
+        gpt.check_data(args)  # before the model: a bad data file costs no model build
         pretrain(args, config, gpt.model_provider, gpt.forward_step, gpt.datasets_provider)
-    except CheckpointError as e:
+    except InputError as e:  # any file the user gave: checkpoint, DeepSpeed JSON, data
         fail(str(e))
     except TrainingDiverged as e:
         if os.environ.get("RANK", "0") == "0":
