@@ -286,3 +286,89 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, made, tmp_path, caps
 
 def test_enough_cases():
     assert len(CASES) >= 45
+
+
+# ---------------------------------------------------------------------------------------------
+# not bad input, but the same promise of a clear word: resume past the end, NaN streak stop
+
+def test_resume_past_train_iters_says_so(made, tmp_path, capsys, monkeypatch):
+    shutil.copytree(made / "megatron", tmp_path / "ck")
+    before = tree(tmp_path)
+    code, out, err, _ = run_cli(TINY + MOCK + ["--train-iters", "1", "--load", str(tmp_path / "ck"), "--save",
+                                               str(tmp_path / "ck")], capsys, monkeypatch)
+    assert code == 0, err
+    assert "the checkpoint is at iteration 1, --train-iters is 1: nothing to train" in out
+    assert tree(tmp_path) == before
+
+
+def test_nan_stop_names_the_checkpoint_saved_before_the_streak(tmp_path):
+    """Saves at 2 (healthy), 4 and 6 (inside the NaN streak that starts at 3): the stop message must
+    point at iteration 2, the one a resume can continue from."""
+    import torch
+
+    from selfmoe.training.arguments import args_to_config, parse_args
+    from selfmoe.training.trainer import TrainingDiverged, pretrain
+
+    calls = {"n": 0}
+
+    def forward_step(data_iterator, model):
+        output, loss_func = gpt.forward_step(data_iterator, model)
+        calls["n"] += 1
+        if calls["n"] < 3 or not torch.is_grad_enabled():
+            return output, loss_func
+        return output, lambda t: tuple(x * float("nan") if torch.is_tensor(x) and x.is_floating_point() else x
+                                       for x in loss_func(t)[:2]) + ({k: v * float("nan") for k, v in
+                                                                      loss_func(t)[2].items()},)
+
+    args = parse_args(TINY + MOCK + ["--global-batch-size", "2", "--train-iters", "20", "--save", str(tmp_path),
+                                     "--save-interval", "2"])
+    with pytest.raises(TrainingDiverged) as e:
+        pretrain(args, args_to_config(args), gpt.model_provider, forward_step, gpt.datasets_provider)
+    assert (tmp_path / "iter_0000006").is_dir()  # saved during the streak (finite weights: skipped steps)
+    assert str(e.value).endswith(f"last checkpoint before the streak: {tmp_path / 'iter_0000002'}"), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing (tools/preprocess_data.py's contract: one `error:` line, exit 1, nothing written)
+
+NULL_TOK = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]
+
+
+@pytest.mark.parametrize("content,name", [('{"text": ""}\n{"text": ""}\n', "in.jsonl"), ("\n\n  \n", "in.txt"),
+                                          ("", "in.jsonl")])
+def test_preprocess_all_empty_corpus_writes_nothing(tmp_path, capsys, content, name):
+    from selfmoe.data import preprocess
+
+    (tmp_path / name).write_text(content)
+    capsys.readouterr()
+    rc = preprocess.main(["--input", str(tmp_path / name), "--output-prefix", str(tmp_path / "out" / "c"), *NULL_TOK])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (rc, err) == (1, [f"error: {tmp_path / name}: no documents"])
+    assert sorted(os.listdir(tmp_path)) == [name] + (["out"] if (tmp_path / "out").exists() else [])
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.slow  # a subprocess: the limit must not hit pytest itself
+def test_preprocess_write_error_names_the_file_and_removes_temporaries(tmp_path):
+    """A real write failure: the file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the .bin
+    write fail with EFBIG, as a full disk fails with ENOSPC."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.txt"
+    src.write_text("".join(" ".join(str(i % 90) for i in range(200)) + "\n" for _ in range(200)))  # 40k tokens
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(src),
+                        "--output-prefix", str(out / "c"), *NULL_TOK], capture_output=True, text=True,
+                       preexec_fn=limit, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr == f"error: {out / 'c'}_text_document.bin/.idx: File too large\n"
+    assert os.listdir(out) == []  # the temporary .bin is gone
