@@ -22,6 +22,32 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch/megatron deprecations inside checkpoint I/O
 
 
+def exit_with_parent():
+    """Make this process exit when the process that started it dies, even by kill -9.
+
+    The trainer's spawned helpers (dist_checkpointing's multiprocessing manager, which holds the
+    write-results queue) re-import this file as `__mp_main__`; nothing tells them when the trainer
+    is SIGKILLed, and they would live on under init. A daemon thread polls the parent pid (a
+    re-parented process sees another one). The resource tracker exits by itself once the last
+    process holding its pipe -- trainer and manager -- is gone.
+    """
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+if __name__ == "__mp_main__":  # a helper process spawned by the trainer (see exit_with_parent)
+    exit_with_parent()
+
+
 def demo_paths(args):
     """The demo writes ./runs/<name> and ./checkpoints/<name> unless told otherwise."""
     if not args.demo:

@@ -372,3 +372,66 @@ def test_preprocess_write_error_names_the_file_and_removes_temporaries(tmp_path)
     assert p.returncode == 1, p.stderr
     assert p.stderr == f"error: {out / 'c'}_text_document.bin/.idx: File too large\n"
     assert os.listdir(out) == []  # the temporary .bin is gone
+
+
+# ---------------------------------------------------------------------------------------------
+# kind 8: no helper process outlives a trainer killed with -9
+
+def _children_map() -> dict:
+    kids: dict = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            kids.setdefault(int(fields[1]), []).append(int(name))
+    return kids
+
+
+def _descendants(pid) -> list:
+    kids, out, todo = _children_map(), [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_no_helper_process_survives_kill9_of_the_trainer(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    p = subprocess.Popen([sys.executable, "pretrain_gpt.py", *TINY, *MOCK, "--train-iters", "1000", "--save",
+                          str(tmp_path / "ck"), "--save-interval", "1"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("saved checkpoint"):
+                break
+        helpers = _descendants(p.pid)
+        assert helpers, "the save started no helper process: nothing to check"
+        os.kill(p.pid, signal.SIGKILL)  # the trainer alone, as the OOM killer would
+        p.wait(timeout=60)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(h) for h in helpers):
+            time.sleep(0.5)
+        assert [h for h in helpers if _alive(h)] == []
+    finally:
+        p.stdout.close()
+        if p.poll() is None:
+            p.kill()
