@@ -17,6 +17,7 @@ previous checkpoint loadable and the latest file pointing at it.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -107,6 +108,8 @@ def check_checkpoint_folders(load: str | None, save: str | None, deepspeed: bool
     """Refuse, before anything is built, a --load or --save folder of the other backend's format."""
     want = "deepspeed" if deepspeed else "megatron"
     for flag, root in (("--load", load), ("--save", save)):
+        if root and os.path.exists(root) and not os.path.isdir(root):
+            raise CheckpointError(flag, root, "not a directory (a checkpoint folder is)")
         found = checkpoint_format(root)
         if found is None or found == want:
             continue
@@ -125,6 +128,10 @@ def check_checkpoint_files(path: str) -> None:
     for name in ("metadata.json", "common.pt", ".metadata"):
         if not os.path.isfile(os.path.join(path, name)):
             raise CheckpointError("incomplete checkpoint", os.path.join(path, name), "missing")
+    with reraise_as("unreadable checkpoint metadata", os.path.join(path, "metadata.json")):
+        with open(os.path.join(path, "metadata.json")) as f:
+            if not isinstance(json.load(f), dict):
+                raise ValueError("not a JSON object")
     with reraise_as("unreadable checkpoint index", os.path.join(path, ".metadata")):
         storage = FileSystemReader(path).read_metadata().storage_data
     need: dict = {}
@@ -337,6 +344,25 @@ def latest_checkpoint(root: str) -> tuple[int, str] | None:
     if not os.path.isdir(path):
         raise CheckpointError(f"{os.path.join(root, TRACKER_FILE)} names iteration {iteration} but {path} is missing")
     return iteration, path
+
+
+def adopt_checkpoint_vocab(root: str, config, vocab_size: int) -> int | None:
+    """Keep the checkpoint's padded vocabulary size when it serves this run; returns it if adopted.
+
+    Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP, so a TP
+    change alone changes the padded size (1152 at TP=1, 1280 at TP=2 for a 1100-id tokenizer). The
+    checkpoint's padding works as well when it covers the tokenizer's `vocab_size` ids and splits
+    evenly over this run's TP; then the embedding and output layer reshard like any weight.
+    """
+    found = latest_checkpoint(root)
+    if found is None:
+        return None
+    saved = load_common(found[1]).get("config", {}).get("vocab_size")
+    if (isinstance(saved, int) and saved != config.vocab_size and saved >= vocab_size
+            and saved % config.tensor_model_parallel_size == 0):
+        config.vocab_size = saved
+        return saved
+    return None
 
 
 def check_resume_compatible(root: str, config, *, load_optim: bool = False,

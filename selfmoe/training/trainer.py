@@ -278,6 +278,15 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         if ds:
             ds.check_resume_compatible(args.load, config)
         else:
+            if getattr(args, "padded_vocab_size", None) and getattr(args, "tokenizer_type", None):
+                from selfmoe.training.arguments import build_tokenizer_from_args
+
+                adopted = checkpointing.adopt_checkpoint_vocab(args.load, config,
+                                                               build_tokenizer_from_args(args).vocab_size)
+                if adopted:
+                    logger.print(f"note: padded vocabulary size {adopted} (was {args.padded_vocab_size}) kept from "
+                                 f"the checkpoint: it covers the tokenizer and splits over this tensor-parallel size")
+                    args.padded_vocab_size = adopted
             checkpointing.check_resume_compatible(
                 args.load, config, load_optim=not args.no_load_optim and not args.finetune,
                 use_distributed_optimizer=args.use_distributed_optimizer)

@@ -192,6 +192,19 @@ CASES = {
     "lr-schedule-changed": (lambda d, made: mg(lambda ck, it: None)(d, made) + ["--lr-decay-style", "linear",
                                                                                 "--lr-decay-iters", "7"],
                             "learning-rate schedule differs", False),
+    "tracker-empty": (mg(lambda ck, it: write(ck / "latest_checkpointed_iteration.txt", b"")),
+                      "expected an iteration number", True),
+    "tracker-negative": (mg(lambda ck, it: write(ck / "latest_checkpointed_iteration.txt", b"-1")),
+                         "expected an iteration number", True),
+    "iteration-is-a-file": (mg(lambda ck, it: (shutil.rmtree(it), write(it, b"x"))), "iter_0000001 is missing", True),
+    "metadata-truncated": (mg(lambda ck, it: truncate(it / ".metadata", 100)), ".metadata: ", True),
+    "metadata-json-garbage": (mg(lambda ck, it: write(it / "metadata.json", b"{not json")), "unreadable checkpoint metadata: {d}/ck/iter_0000001/metadata.json: ", True),
+    "distcp-garbage-same-size": (mg(lambda ck, it: write(it / "__0_1.distcp", b"\1" * os.path.getsize(it / "__0_1.distcp"))),
+                                 "cannot load checkpoint: {d}/ck/iter_0000001: ", False),
+    "load-is-a-file": (lambda d, made: write(d / "f", b"x") or MOCK + ["--train-iters", "2", "--load", str(d / "f")],
+                       "not a directory", True),
+    "save-is-a-file": (lambda d, made: write(d / "f", b"x") or MOCK + ["--train-iters", "2", "--save", str(d / "f")],
+                       "--save: {d}/f: not a directory", True),
     # kind 3: the other backend's folder, for --load or --save
     "deepspeed-checkpoint-without-deepspeed": (
         lambda d, made: shutil.copytree(made / "deepspeed", d / "ck") and
@@ -235,6 +248,10 @@ CASES = {
     # (a smaller --train-iters changes the default --lr-decay-iters the same way)
     "deepspeed-schedule-changed": (dsck(lambda ck, it: None, ["--lr-decay-iters", "7"]),
                                    "learning-rate schedule differs", False),
+    "deepspeed-latest-names-nothing": (dsck(lambda ck, it: write(ck / "latest", b"iter_0000042")),
+                                       "holds no mp_rank_00_model_states.pt", True),
+    "deepspeed-model-states-garbage": (dsck(lambda ck, it: write(it / "mp_rank_00_model_states.pt", b"PK" * 50)),
+                                       "mp_rank_00_model_states.pt: ", True),
     # kind 1: DeepSpeed JSON that parses but is no usable config
     "ds-stage-7": (dsjson({**DS_JSON, "zero_optimization": {"stage": 7}}), "zero_optimization.stage is 7", True),
     "ds-stage-string": (dsjson({**DS_JSON, "zero_optimization": {"stage": "two"}}), "zero_optimization.stage", True),
@@ -248,6 +265,12 @@ CASES = {
     "ds-bad-field-type": (dsjson({**DS_JSON, "zero_optimization": {"stage": 1, "reduce_bucket_size": "big"}}),
                           "--deepspeed-config: ", True),
     "ds-fp16-not-object": (dsjson({**DS_JSON, "fp16": True}), '"fp16" must be a JSON object', True),
+    "ds-optimizer-not-object": (dsjson({**DS_JSON, "optimizer": "adam"}), '"optimizer" must be a JSON object', True),
+    "ds-bf16-enabled-not-bool": (dsjson({**DS_JSON, "bf16": {"enabled": "maybe"}}), "--deepspeed-config: ", True),
+    "ds-micro-batch-negative": (dsjson({**DS_JSON, "train_micro_batch_size_per_gpu": -1}), "--deepspeed-config: ",
+                                True),
+    "ds-accumulation-zero": (dsjson({**DS_JSON, "gradient_accumulation_steps": 0}), "--deepspeed-config: ", True),
+    "ds-string-config": (dsjson('"zero2"'), "not a str", True),
     # kind 5: data files wrong at training time
     "data-bin-missing": (data(good_then(lambda p: rm(f"{p}.bin"))), "bad.bin", True),
     "data-idx-missing": (data(good_then(lambda p: rm(f"{p}.idx"))), "bad.idx", True),
@@ -285,7 +308,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, made, tmp_path, caps
 
 
 def test_enough_cases():
-    assert len(CASES) >= 45
+    assert len(CASES) >= 60
 
 
 # ---------------------------------------------------------------------------------------------
