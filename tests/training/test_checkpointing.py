@@ -172,7 +172,7 @@ def test_checkpoint_loads_into_other_parallel_layouts_with_same_losses(layout, o
 RESUME_FLAGS = FLAGS + ["--hidden-dropout", "0", "--attention-dropout", "0", "--eval-iters", "0", "--vocab-size",
                         "300"]
 RESUME_LAYOUTS = {
-    "tensor-2": ["--tensor-model-parallel-size", "2"],
+    "tensor-2+sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "pipeline-2": ["--pipeline-model-parallel-size", "2"],
 }
 
