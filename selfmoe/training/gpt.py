@@ -48,7 +48,9 @@ def check_data(args) -> None:
     vocab = build_tokenizer_from_args(args).vocab_size
     for prefix in data_prefixes(args):
         files = [prefix + ".idx", prefix + ".bin"]
-        _check_indexed_dataset(prefix, vocab, *(tuple(os.stat(f)[6:9]) if os.path.isfile(f) else None for f in files))
+        stats = [(st.st_ino, st.st_size, st.st_mtime_ns) if os.path.isfile(f) and (st := os.stat(f)) else None
+                 for f in files]
+        _check_indexed_dataset(prefix, vocab, *stats)
 
 
 @functools.lru_cache(maxsize=None)
