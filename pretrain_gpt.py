@@ -22,6 +22,32 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch/megatron deprecations inside checkpoint I/O
 
 
+def exit_with_parent():
+    """Make this process exit when the process that started it dies, even by kill -9.
+
+    The trainer's spawned helpers (dist_checkpointing's multiprocessing manager, which holds the
+    write-results queue) re-import this file as `__mp_main__`; nothing tells them when the trainer
+    is SIGKILLed, and they would live on under init. A daemon thread polls the parent pid (a
+    re-parented process sees another one). The resource tracker exits by itself once the last
+    process holding its pipe -- trainer and manager -- is gone.
+    """
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+if __name__ == "__mp_main__":  # a helper process spawned by the trainer (see exit_with_parent)
+    exit_with_parent()
+
+
 def demo_paths(args):
     """The demo writes ./runs/<name> and ./checkpoints/<name> unless told otherwise."""
     if not args.demo:
@@ -43,12 +69,13 @@ def main(argv=None):
     except ArgumentError as e:
         fail(str(e))
     from selfmoe.training import gpt
-    from selfmoe.training.checkpointing import CheckpointError
+    from selfmoe.training.errors import InputError
     from selfmoe.training.trainer import TrainingDiverged, pretrain
 
     try:
+        gpt.check_data(args)  # before the model: a bad data file costs no model build
         pretrain(args, config, gpt.model_provider, gpt.forward_step, gpt.datasets_provider)
-    except CheckpointError as e:
+    except InputError as e:  # any file the user gave: checkpoint, DeepSpeed JSON, data
         fail(str(e))
     except TrainingDiverged as e:
         if os.environ.get("RANK", "0") == "0":

@@ -416,6 +416,10 @@ def preprocess(inputs, output_prefix, tokenizer, json_keys=("text",), input_form
                 if log_interval and stats.records >= next_log:
                     next_log = (stats.records // log_interval + 1) * log_interval
                     print(f"processed {_rates(stats, time.time() - t0)}", file=log, flush=True)
+        empty_keys = [k for k, n in zip(keys, stats.documents) if n == 0]
+        if empty_keys:  # a 0-document dataset cannot be trained on: write nothing
+            which = "" if len(empty_keys) == len(keys) else f" under --json-keys {' '.join(empty_keys)}"
+            raise UsageError(f"{', '.join(paths)}: no documents{which}")
         for builder, prefix in zip(builders, outputs):
             builder.finalize(prefix + ".idx" + tmp)
         for prefix in outputs:
@@ -424,13 +428,16 @@ def preprocess(inputs, output_prefix, tokenizer, json_keys=("text",), input_form
                 os.remove(prefix + ".idx")
             os.replace(prefix + ".bin" + tmp, prefix + ".bin")
             os.replace(prefix + ".idx" + tmp, prefix + ".idx")
-    except BaseException:
+    except BaseException as e:
         for builder in builders:
-            builder.data_file.close()
+            with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
+                builder.data_file.close()
         for prefix in outputs:
             for ext in (".bin", ".idx"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(prefix + ext + tmp)
+        if isinstance(e, OSError) and not e.filename:  # a write into a builder's file: name it
+            e.filename = ", ".join(p + ".bin/.idx" for p in outputs)
         raise
     stats.seconds = time.time() - t0
     _report(stats, keys, log)

@@ -17,6 +17,7 @@ previous checkpoint loadable and the latest file pointing at it.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from selfmoe.config import config_fingerprint
+from selfmoe.training.errors import InputError, reraise_as
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
@@ -68,8 +70,87 @@ def model_fields() -> list[str]:
     return list(TRANSFORMER_MODEL_FIELDS) + [f for f in own if f not in RESUMABLE_ROUTER_FIELDS]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used by this run; str() is one line for the user."""
+
+
+# ---------------------------------------------------------------------------------------------
+# which format a folder holds: a Megatron run never writes into a DeepSpeed folder, nor the reverse
+
+FORMAT_NAMES = {"megatron": "Megatron-Core dist", "deepspeed": "DeepSpeed"}
+
+
+def checkpoint_format(root: str | None) -> str | None:
+    """"megatron", "deepspeed" or None (no folder, or no checkpoint in it).
+
+    Megatron-LM's tracker file or an iter_* folder with dist_checkpointing's metadata.json means
+    Megatron; DeepSpeed's `latest` file or an iter_* folder with its *_model_states.pt, DeepSpeed.
+    """
+    if not root or not os.path.isdir(root):
+        return None
+    names = set(os.listdir(root))
+    if TRACKER_FILE in names:
+        return "megatron"
+    if "latest" in names:
+        return "deepspeed"
+    for name in sorted(names):
+        path = os.path.join(root, name)
+        if name.startswith("iter_") and os.path.isdir(path):
+            inside = os.listdir(path)
+            if "metadata.json" in inside or ".metadata" in inside:
+                return "megatron"
+            if any(n.endswith("_model_states.pt") or n.endswith("_optim_states.pt") for n in inside):
+                return "deepspeed"
+    return None
+
+
+def check_checkpoint_folders(load: str | None, save: str | None, deepspeed: bool) -> None:
+    """Refuse, before anything is built, a --load or --save folder of the other backend's format."""
+    want = "deepspeed" if deepspeed else "megatron"
+    for flag, root in (("--load", load), ("--save", save)):
+        if root and os.path.exists(root) and not os.path.isdir(root):
+            raise CheckpointError(flag, root, "not a directory (a checkpoint folder is)")
+        found = checkpoint_format(root)
+        if found is None or found == want:
+            continue
+        if flag == "--load":
+            fix = ("pass --deepspeed --deepspeed-config <json> to resume it" if found == "deepspeed"
+                   else "drop --deepspeed to resume it")
+        else:
+            fix = f"this run would write {FORMAT_NAMES[want]} checkpoints into it; choose another --save folder"
+        raise CheckpointError(flag, root, f"holds {FORMAT_NAMES[found]} checkpoints; {fix}")
+
+
+def check_checkpoint_files(path: str) -> None:
+    """Every file of a dist checkpoint is there and as long as its index says (cheap: sizes only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for name in ("metadata.json", "common.pt", ".metadata"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError("incomplete checkpoint", os.path.join(path, name), "missing")
+    with reraise_as("unreadable checkpoint metadata", os.path.join(path, "metadata.json")):
+        with open(os.path.join(path, "metadata.json")) as f:
+            if not isinstance(json.load(f), dict):
+                raise ValueError("not a JSON object")
+    with reraise_as("unreadable checkpoint index", os.path.join(path, ".metadata")):
+        storage = FileSystemReader(path).read_metadata().storage_data
+    need: dict = {}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            raise CheckpointError("incomplete checkpoint", file, "missing")
+        have = os.path.getsize(file)
+        if have < size:
+            raise CheckpointError("truncated checkpoint", file, f"{have} bytes, the index needs {size}")
+
+
+def load_common(path: str) -> dict:
+    """The checkpoint's common (non-sharded) state; a damaged checkpoint is an InputError."""
+    check_checkpoint_files(path)
+    with reraise_as("cannot read checkpoint", os.path.join(path, "common.pt")):
+        return dist_checkpointing.load_common_state_dict(path)
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -265,11 +346,36 @@ def latest_checkpoint(root: str) -> tuple[int, str] | None:
     return iteration, path
 
 
-def check_resume_compatible(root: str, config) -> None:
-    """Fail before any model is built if the checkpoint to resume describes another model."""
+def adopt_checkpoint_vocab(root: str, config, vocab_size: int) -> int | None:
+    """Keep the checkpoint's padded vocabulary size when it serves this run; returns it if adopted.
+
+    Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP, so a TP
+    change alone changes the padded size (1152 at TP=1, 1280 at TP=2 for a 1100-id tokenizer). The
+    checkpoint's padding works as well when it covers the tokenizer's `vocab_size` ids and splits
+    evenly over this run's TP; then the embedding and output layer reshard like any weight.
+    """
     found = latest_checkpoint(root)
-    if found is not None:
-        check_config_compatible(dist_checkpointing.load_common_state_dict(found[1]).get("config", {}), config, found[1])
+    if found is None:
+        return None
+    saved = load_common(found[1]).get("config", {}).get("vocab_size")
+    if (isinstance(saved, int) and saved != config.vocab_size and saved >= vocab_size
+            and saved % config.tensor_model_parallel_size == 0):
+        config.vocab_size = saved
+        return saved
+    return None
+
+
+def check_resume_compatible(root: str, config, *, load_optim: bool = False,
+                            use_distributed_optimizer: bool = False) -> None:
+    """Fail before any model is built if the checkpoint to resume is damaged, describes another
+    model, or holds optimizer state this layout cannot take (collective-free; parallel state set)."""
+    found = latest_checkpoint(root)
+    if found is None:
+        return
+    common = load_common(found[1])
+    check_config_compatible(common.get("config", {}), config, found[1])
+    if load_optim:
+        _check_optimizer_layout(common, use_distributed_optimizer, found[1])
 
 
 def chained_optimizers(optimizer) -> list:
@@ -297,9 +403,14 @@ def _layout() -> dict:
 
 
 def _check_optimizer_compatible(common: dict, optimizer, path: str) -> None:
+    _check_optimizer_layout(common, _is_distributed(optimizer), path)
+
+
+def _check_optimizer_layout(common: dict, now: bool, path: str) -> None:
     """The distributed optimizer's state is in buffer order: same flag and same model-parallel
-    layout to resume it (the data-parallel size may change)."""
-    saved, now = bool(common.get("distributed_optimizer")), _is_distributed(optimizer)
+    layout to resume it (the data-parallel size may change). The plain optimizer's state of
+    expert parameters is keyed by the expert-parallel layout: an EP change cannot take it."""
+    saved = bool(common.get("distributed_optimizer"))
     hint = "; pass --no-load-optim to load only the weights"
     if saved != now:
         flag = "with" if saved else "without"
@@ -308,6 +419,11 @@ def _check_optimizer_compatible(common: dict, optimizer, path: str) -> None:
     if now and common.get("layout") != _layout():
         raise CheckpointError(f"cannot resume the distributed optimizer from {path}: saved with layout "
                               f"{common.get('layout')}, this run has {_layout()}{hint}")
+    ep_saved, ep_now = (common.get("layout") or {}).get("ep", 1), _layout()["ep"]
+    if ep_saved != ep_now:
+        raise CheckpointError(f"cannot resume the optimizer from {path}: saved with --expert-model-parallel-size "
+                              f"{ep_saved}, this run has {ep_now} (the expert optimizer state is not resharded)"
+                              f"{hint}")
 
 
 def _init_adam_steps(optimizer) -> None:
@@ -348,6 +464,17 @@ def _restore_adam_steps(optimizer, optim_state) -> None:
                 st["step"] = torch.tensor(step)
 
 
+def load_scheduler_state(scheduler, state: dict, path: str) -> None:
+    """Megatron's OptimizerParamScheduler asserts that the schedule flags match the checkpoint's."""
+    try:
+        scheduler.load_state_dict(state)
+    except AssertionError as e:
+        raise CheckpointError(
+            f"cannot resume from {path}: the learning-rate schedule differs from the checkpoint's "
+            f"({' '.join(str(e).split())}); pass --override-opt_param-scheduler to use this run's or "
+            f"--use-checkpoint-opt_param-scheduler to keep the checkpoint's") from None
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_optim: bool = True,
                     load_rng: bool = True, finetune: bool = False) -> dict | None:
     """Load the latest checkpoint under `root` into model/optimizer/scheduler/RNG (collective).
@@ -360,7 +487,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
     if found is None:
         return None
     path = found[1]
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = load_common(path)
     check_config_compatible(common.get("config", {}), config, path)
     load_optim = load_optim and not finetune
     load_rng = load_rng and not finetune and common.get("world_size") == _world()
@@ -369,10 +496,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
         _init_adam_steps(optimizer)
     sd = _sharded_state_dict(model, optimizer if load_optim else None, scheduler if load_optim else None,
                              is_loading=True, with_rng=load_rng)
-    try:
+    with reraise_as("cannot load checkpoint", path):  # shape mismatches, torch's CheckpointException ...
         state = dist_checkpointing.load(sd, path)
-    except Exception as e:  # noqa: BLE001 - shape mismatches etc. come from deep inside
-        raise CheckpointError(f"cannot load {path}: {' '.join(str(e).split())[:500]}") from None
     if len(model) == 1:
         _unwrap(model[0]).load_state_dict(state["model"], strict=True)
     else:
@@ -382,13 +507,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
         with torch.no_grad():  # fp32 params: DistributedOptimizer's main params are views of them
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer, state["optimizer"])
-        try:
-            scheduler.load_state_dict(state["opt_param_scheduler"])
-        except AssertionError as e:
-            raise CheckpointError(
-                f"the learning-rate schedule differs from the checkpoint's ({' '.join(str(e).split())}); pass "
-                f"--override-opt_param-scheduler to use this run's or --use-checkpoint-opt_param-scheduler "
-                f"to keep the checkpoint's") from None
+        load_scheduler_state(scheduler, state["opt_param_scheduler"], path)
     if load_rng:
         set_rng_state(state["rng_state"])
     if finetune:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,36 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from selfmoe import deepspeed_utils
 from selfmoe.config import config_fingerprint
 from selfmoe.training import checkpointing
+from selfmoe.training.errors import InputError, reraise_as
+
+
+def check_config(args) -> dict:
+    """The resolved DeepSpeed config, validated by DeepSpeed itself against this run's flags, before
+    any model is built (parallel state must be initialised). Errors name --deepspeed-config."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    path = args.deepspeed_config
+    with reraise_as("--deepspeed-config", path):
+        cfg = deepspeed_utils.load_config(path)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a DeepSpeed config is a JSON object, not a {type(cfg).__name__}")
+        for section in ("zero_optimization", "bf16", "fp16", "optimizer"):
+            if not isinstance(cfg.get(section, {}), dict):
+                raise ValueError(f"\"{section}\" must be a JSON object")
+        cfg = deepspeed_utils.resolve_auto(cfg, args.micro_batch_size, get_num_microbatches(), args.bf16,
+                                           args.clip_grad)
+        stage = cfg.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2, 3):  # DeepSpeed's own check comes only once the engine is built
+            raise ValueError(f"zero_optimization.stage is {stage!r}; DeepSpeed has stages 0, 1, 2 and 3")
+        parsed = DeepSpeedConfig(cfg, mpu=deepspeed_utils.MegatronMPU())
+    if parsed.gradient_accumulation_steps != get_num_microbatches():
+        raise InputError("--deepspeed-config", path, f"gradient_accumulation_steps {parsed.gradient_accumulation_steps} "
+                         f"but --global-batch-size needs {get_num_microbatches()}; use \"auto\"")
+    if parsed.train_micro_batch_size_per_gpu != args.micro_batch_size:
+        raise InputError("--deepspeed-config", path, f"train_micro_batch_size_per_gpu "
+                         f"{parsed.train_micro_batch_size_per_gpu} but --micro-batch-size is {args.micro_batch_size}; "
+                         f"use \"auto\"")
+    return cfg
 
 
 def build(args, config, model_provider):
@@ -109,7 +140,12 @@ def check_resume_compatible(root: str, config) -> None:
     states = os.path.join(path, "mp_rank_00_model_states.pt")
     if not os.path.isfile(states):
         raise checkpointing.CheckpointError(f"{latest} names {path}, which holds no mp_rank_00_model_states.pt")
-    saved = torch.load(states, map_location="cpu", weights_only=False)
+    for name in sorted(os.listdir(path)):  # truncated files: torch's zip format has its index at the end
+        if name.endswith(".pt"):
+            with reraise_as("damaged DeepSpeed checkpoint file", os.path.join(path, name)):
+                zipfile.ZipFile(os.path.join(path, name)).close()
+    with reraise_as("cannot read DeepSpeed checkpoint", states):
+        saved = torch.load(states, map_location="cpu", weights_only=False)
     checkpointing.check_config_compatible(saved.get("config", {}), config, path)
     ep = saved.get("expert_model_parallel_size", 1)
     if ep != config.expert_model_parallel_size:
@@ -122,8 +158,9 @@ def check_resume_compatible(root: str, config) -> None:
 def load(root: str, engine, scheduler, config, *, load_optim: bool, load_rng: bool) -> dict | None:
     if not os.path.isfile(os.path.join(root, "latest")):
         return None
-    path, client = engine.load_checkpoint(root, load_optimizer_states=load_optim, load_lr_scheduler_states=False,
-                                          load_module_strict=True)
+    with reraise_as("cannot load DeepSpeed checkpoint", root):
+        path, client = engine.load_checkpoint(root, load_optimizer_states=load_optim, load_lr_scheduler_states=False,
+                                              load_module_strict=True)
     if path is None:
         raise checkpointing.CheckpointError(f"DeepSpeed could not load a checkpoint from {root}")
     checkpointing.check_config_compatible(client.get("config", {}), config, path)
@@ -134,7 +171,7 @@ def load(root: str, engine, scheduler, config, *, load_optim: bool, load_rng: bo
         params = dict(engine.module.named_parameters())
         engine.module.load_state_dict({k: v for k, v in saved.items() if k not in params}, strict=False)
     if load_optim:
-        scheduler.load_state_dict(client["opt_param_scheduler"])
+        checkpointing.load_scheduler_state(scheduler, client["opt_param_scheduler"], path)
     load_rng = load_rng and client.get("world_size") == dist.get_world_size()
     if load_rng:
         checkpointing.set_rng_state(client["rng_state"])  # rank 0's: DeepSpeed stores one client state

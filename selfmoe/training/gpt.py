@@ -7,7 +7,9 @@ and returned with its token count so the schedule averages over tokens.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from functools import partial
 
 import torch
@@ -15,6 +17,7 @@ import torch
 from selfmoe.models import build_gpt_model
 from selfmoe.training.arguments import build_tokenizer_from_args, parse_blend
 from selfmoe.training.distributed import is_last_rank
+from selfmoe.training.errors import InputError, reraise_as
 
 
 def model_provider(config, pre_process=None, post_process=None, vp_stage=None):
@@ -31,11 +34,60 @@ class DatasetTokenizer:
         self.unique_identifiers = {"class": type(tok).__name__, **{k: str(v) for k, v in tok.spec.items()}}
 
 
+def data_prefixes(args) -> list[str]:
+    """Every .bin/.idx prefix the flags name (none for --mock-data and the demo corpus)."""
+    if args.mock_data or args.use_demo_corpus:
+        return []
+    blends = [args.data_path] if args.data_path else [args.train_data_path, args.valid_data_path, args.test_data_path]
+    return [prefix for b in blends if b for prefix in parse_blend(b)[0]]
+
+
+def check_data(args) -> None:
+    """Each data file opens, is as long as its index says, holds documents, and has only token ids
+    below the tokenizer's vocabulary size. Raises InputError naming the file; call before building."""
+    vocab = build_tokenizer_from_args(args).vocab_size
+    for prefix in data_prefixes(args):
+        files = [prefix + ".idx", prefix + ".bin"]
+        stats = [(st.st_ino, st.st_size, st.st_mtime_ns) if os.path.isfile(f) and (st := os.stat(f)) else None
+                 for f in files]
+        _check_indexed_dataset(prefix, vocab, *stats)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_indexed_dataset(prefix: str, vocab_size: int, idx_stat, bin_stat) -> None:
+    """(cached per file state: the id scan reads the whole .bin once)"""
+    import numpy as np
+
+    from selfmoe.data.preprocess import megatron_indexed_dataset
+
+    for path, st in ((prefix + ".idx", idx_stat), (prefix + ".bin", bin_stat)):
+        if st is None:
+            raise InputError("missing data file", path, "no such file (a --data-path prefix names <prefix>.bin/.idx)")
+    with reraise_as("unreadable dataset index", prefix + ".idx"):
+        index = megatron_indexed_dataset()._IndexReader(prefix + ".idx", multimodal=False)
+    n = len(index.sequence_lengths)
+    if n == 0 or int(index.sequence_lengths.sum()) == 0:
+        raise InputError("empty dataset", prefix + ".idx", "no documents")
+    need = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    have = os.path.getsize(prefix + ".bin")
+    if have < need:
+        raise InputError("truncated data file", prefix + ".bin", f"{have} bytes, its .idx needs {need}")
+    if np.iinfo(index.dtype).max < vocab_size:
+        return  # no id of this dtype can reach the vocabulary size
+    tokens = np.memmap(prefix + ".bin", dtype=index.dtype, mode="r", shape=(need // index.dtype_size,))
+    largest = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
+    del tokens
+    if largest >= vocab_size:
+        raise InputError("token ids out of range", prefix + ".bin",
+                         f"largest id {largest}, but the tokenizer's vocabulary size is {vocab_size}")
+
+
 def datasets_provider(args, num_samples):
     """[train, valid, test] GPT datasets of the requested sizes (None where a split is empty)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
+    check_data(args)
     tokenizer = DatasetTokenizer(build_tokenizer_from_args(args))
     blend, blend_per_split, split = None, None, args.split
     if args.mock_data:

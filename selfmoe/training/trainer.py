@@ -60,6 +60,7 @@ class TrainState:
     nonfinite_streak: int = 0
     last_saved: int | None = None
     last_checkpoint: str | None = None
+    good_checkpoint: str | None = None  # the last one saved outside a NaN/Inf streak
     losses: dict = field(default_factory=dict)  # iteration -> lm loss (this process's run)
 
 
@@ -269,8 +270,26 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
     ds = None
     if args.deepspeed:
         from selfmoe.training import deepspeed_backend as ds
+    # every file the user gave is checked before the model is built (errors: one line, exit 2)
+    checkpointing.check_checkpoint_folders(args.load, args.save, bool(args.deepspeed))
+    if ds:
+        ds.check_config(args)
     if args.load:
-        (ds or checkpointing).check_resume_compatible(args.load, config)
+        if ds:
+            ds.check_resume_compatible(args.load, config)
+        else:
+            if getattr(args, "padded_vocab_size", None) and getattr(args, "tokenizer_type", None):
+                from selfmoe.training.arguments import build_tokenizer_from_args
+
+                adopted = checkpointing.adopt_checkpoint_vocab(args.load, config,
+                                                               build_tokenizer_from_args(args).vocab_size)
+                if adopted:
+                    logger.print(f"note: padded vocabulary size {adopted} (was {args.padded_vocab_size}) kept from "
+                                 f"the checkpoint: it covers the tokenizer and splits over this tensor-parallel size")
+                    args.padded_vocab_size = adopted
+            checkpointing.check_resume_compatible(
+                args.load, config, load_optim=not args.no_load_optim and not args.finetune,
+                use_distributed_optimizer=args.use_distributed_optimizer)
     if ds:
         engine, optimizer = ds.build(args, config, model_provider)
         model, scheduler = [engine], build_scheduler(args, optimizer)
@@ -302,6 +321,10 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
             state.last_saved = state.iteration if same_dir and not args.finetune else None  # already on disk
             logger.print(f"loaded checkpoint {loaded['path']} (iteration {state.iteration}, "
                          f"{state.consumed_train_samples} samples consumed)")
+            state.good_checkpoint = loaded["path"]
+            if state.iteration >= args.train_iters:
+                logger.print(f"note: the checkpoint is at iteration {state.iteration}, --train-iters is "
+                             f"{args.train_iters}: nothing to train (raise --train-iters to continue)")
             if not loaded.get("loaded_rng", True) and not args.no_load_rng and not args.finetune:
                 logger.print("note: the checkpoint was saved with another world size; RNG states start fresh")
 
@@ -329,6 +352,8 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
                 args.save, state.iteration, model, optimizer, scheduler, config,
                 consumed_train_samples=state.consumed_train_samples, args_dict=_plain_args(args))
         state.last_saved = state.iteration
+        if state.nonfinite_streak == 0:
+            state.good_checkpoint = state.last_checkpoint
         logger.print(f"saved checkpoint {state.last_checkpoint} ({time.time() - t0:.1f}s)")
 
     logger.start(state.iteration)
@@ -361,7 +386,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
             raise TrainingDiverged(
                 f"{state.nonfinite_streak} consecutive iterations with a NaN/Inf loss (last at iteration "
                 f"{state.iteration}); stopping without saving" +
-                (f"; last good checkpoint: {state.last_checkpoint}" if state.last_checkpoint else ""))
+                (f"; last checkpoint before the streak: {state.good_checkpoint}" if state.good_checkpoint else ""))
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             logger.interval(state.iteration, lr, routing.reduce() if routing else None)
         if args.eval_interval and state.iteration % args.eval_interval == 0:

@@ -165,3 +165,51 @@ def test_checkpoint_loads_into_other_parallel_layouts_with_same_losses(layout, o
     assert sorted(losses) == sorted(reference) == [1, 2, 3, 4]
     for i in reference:
         assert losses[i] == pytest.approx(reference[i], rel=1e-5)
+
+
+# Resume WITH the optimizer state on another layout. --vocab-size 300 pads to 384 at TP=1 but 512
+# at TP=2 (Megatron-LM pads to 128 x TP): the resumed run keeps the checkpoint's 384.
+RESUME_FLAGS = FLAGS + ["--hidden-dropout", "0", "--attention-dropout", "0", "--eval-iters", "0", "--vocab-size",
+                        "300"]
+RESUME_LAYOUTS = {
+    "tensor-2+sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "pipeline-2": ["--pipeline-model-parallel-size", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference_and_checkpoint_4(tmp_path_factory):
+    """Losses 1..8 of one run at 1 rank, and its checkpoint of iteration 4 (named latest)."""
+    root = tmp_path_factory.mktemp("resume-layouts")
+    rc, out, err = train(RESUME_FLAGS + ["--save", str(root / "ck"), "--save-interval", "4", "--tensorboard-dir",
+                                         str(root / "tb")])
+    assert rc == 0, err[-3000:]
+    (root / "ck" / "latest_checkpointed_iteration.txt").write_text("4\n")  # resume from the middle
+    return tb_losses(root / "tb"), root / "ck"
+
+
+@pytest.mark.parametrize("layout", list(RESUME_LAYOUTS))
+def test_resume_with_optimizer_on_another_layout_equals_uninterrupted_run(layout, reference_and_checkpoint_4,
+                                                                          tmp_path):
+    reference, ckpt = reference_and_checkpoint_4
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "pretrain_gpt.py", *RESUME_FLAGS, *RESUME_LAYOUTS[layout], "--load", str(ckpt),
+                        "--tensorboard-dir", str(tmp_path / "tb")], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "iteration 4, 16 samples consumed" in p.stdout
+    losses = tb_losses(tmp_path / "tb")
+    assert sorted(losses) == [5, 6, 7, 8]
+    for i in losses:
+        assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
+
+
+def test_resume_with_optimizer_across_an_expert_layout_change_is_refused_before_building(reference_and_checkpoint_4):
+    _, ckpt = reference_and_checkpoint_4
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "pretrain_gpt.py", *RESUME_FLAGS, "--expert-model-parallel-size", "2", "--load", str(ckpt)],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode != 0 and len(lines) == 1, p.stderr[-3000:]
+    assert "--expert-model-parallel-size 1, this run has 2" in lines[0] and "--no-load-optim" in lines[0]
+    assert "parameters:" not in p.stdout  # refused before the model was built
