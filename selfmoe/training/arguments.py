@@ -16,37 +16,31 @@ import math
 import os
 import sys
 
-# GPU-only (or not-implemented logging) flags from Megatron-LM launch scripts: accepted, no effect
-# here. name -> nargs (0: a switch, None: one value, "*": any number of values).
+# Flags of Megatron-LM launch scripts that have no effect here: accepted, and listed at start-up
+# with the reason (config_flags.IGNORED_REASONS). name -> nargs (0: a switch, None: one value,
+# "*": any number of values). TransformerConfig's own fields are derived (config_flags.py).
 IGNORED_FLAGS = {
-    "--use-mcore-models": 0, "--use-legacy-models": 0, "--use-flash-attn": 0,
-    "--transformer-impl": None, "--attention-backend": None, "--moe-grouped-gemm": 0,
-    "--moe-use-legacy-grouped-gemm": 0, "--moe-permute-fusion": 0, "--moe-router-fusion": 0,
+    "--use-mcore-models": 0, "--use-flash-attn": 0,
     "--overlap-grad-reduce": 0, "--overlap-param-gather": 0, "--align-param-gather": 0,
     "--overlap-param-gather-with-optimizer-step": 0,
     "--bias-gelu-fusion": 0, "--no-bias-gelu-fusion": 0, "--no-bias-swiglu-fusion": 0,
     "--no-bias-dropout-fusion": 0, "--no-rope-fusion": 0, "--no-persist-layer-norm": 0,
     "--attention-softmax-in-fp32": 0, "--no-masked-softmax-fusion": 0,
-    "--recompute-activations": 0, "--recompute-granularity": None, "--recompute-method": None,
-    "--recompute-num-layers": None, "--recompute-modules": "*", "--distribute-saved-activations": 0,
-    "--distributed-backend": None, "--accumulate-allreduce-grads-in-fp32": 0,
+    "--distributed-backend": None,
     "--no-gradient-accumulation-fusion": 0, "--use-torch-fsdp2": 0, "--use-megatron-fsdp": 0,
-    "--tp-comm-overlap": 0, "--cross-entropy-loss-fusion": 0, "--cross-entropy-fusion-impl": None,
     "--manual-gc": 0, "--manual-gc-interval": None, "--empty-unused-memory-level": None,
-    "--use-cpu-initialization": 0, "--async-save": 0, "--ckpt-fully-parallel-save": 0,
+    "--async-save": 0, "--ckpt-fully-parallel-save": 0,
     "--ckpt-fully-parallel-load": 0, "--ckpt-assume-constant-structure": 0, "--use-dist-ckpt": 0,
-    "--auto-detect-ckpt-format": 0, "--no-async-tensor-model-parallel-allreduce": 0,
+    "--auto-detect-ckpt-format": 0,
     "--overlap-p2p-communication": 0, "--ddp-bucket-size": None, "--ddp-average-in-collective": 0,
-    "--num-workers": None, "--dataloader-type": None, "--no-mmap-bin-files": 0,
-    "--fp8-format": None, "--fp8-recipe": None, "--fp8-param-gather": 0, "--fp8-amax-history-len": None,
-    "--fp8-amax-compute-algo": None, "--no-check-for-nan-in-loss-and-grad": 0,
+    "--num-workers": None, "--dataloader-type": None,
+    "--no-check-for-nan-in-loss-and-grad": 0,
     "--check-for-nan-in-loss-and-grad": 0, "--log-throughput": 0, "--log-timers-to-tensorboard": 0,
     "--log-validation-ppl-to-tensorboard": 0, "--log-memory-to-tensorboard": 0,
     "--log-num-zeros-in-grad": 0, "--log-params-norm": 0, "--log-world-size-to-tensorboard": 0,
     "--log-loss-scale-to-tensorboard": 0, "--timing-log-level": None, "--timing-log-option": None,
     "--wandb-project": None, "--wandb-exp-name": None, "--wandb-save-dir": None, "--wandb-entity": None,
-    "--moe-per-layer-logging": 0, "--local-rank": None, "--local_rank": None,
-    "--exit-on-missing-checkpoint": 0,
+    "--local-rank": None, "--local_rank": None,
 }
 
 ROUTER_TYPES = ("learned", "self", "random", "hash", "routing-free")
@@ -163,6 +157,7 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Megatron-Core's DistributedOptimizer: optimizer state sharded over data-parallel ranks")
 
@@ -184,7 +179,9 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load weights only; iteration restarts at 0")
-    g.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    g.add_argument("--ckpt-format", default="torch_dist", help="torch_dist (the one format selfmoe writes)")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="with --load: exit (code 2) instead of training from scratch when there is no checkpoint")
     g.add_argument("--run-name", help="names ./runs/<name> and ./checkpoints/<name> in the demo")
 
     g = p.add_argument_group("data and tokenizer")
@@ -197,6 +194,7 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path")
     g.add_argument("--reset-position-ids", action="store_true")
     g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false")
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--tokenizer-type")
     g.add_argument("--tokenizer-model")
@@ -208,9 +206,10 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--num-experts", type=int, help="none: dense baseline")
     g.add_argument("--moe-ffn-hidden-size", type=int, help="default --ffn-hidden-size")
     g.add_argument("--moe-router-topk", type=int, default=2)
-    g.add_argument("--moe-router-load-balancing-type", choices=("aux_loss", "seq_aux_loss", "sinkhorn", "none"),
-                   default="aux_loss")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-router-load-balancing-type", nargs="+",
+                   choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"), default=["aux_loss"],
+                   help="one or several (each with its own --moe-aux-loss-coeff)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=[0.0])
     g.add_argument("--moe-z-loss-coeff", type=float)
     g.add_argument("--moe-router-enable-expert-bias", action="store_true")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
@@ -239,14 +238,23 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--routing-free-mu", type=float, default=0.5)
     g.add_argument("--routing-free-expert-type", choices=("aoe", "mlp"), default="aoe")
 
-    g = p.add_argument_group("accepted for launch-script compatibility, no effect on CPU")
+    g = p.add_argument_group("network size")
+    g.add_argument("--use-legacy-models", action="store_true", help="refused: selfmoe builds Megatron-Core models")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"))
+    g.add_argument("--recompute-activations", action="store_true", help="as --recompute-granularity selective")
+
+    g = p.add_argument_group("accepted for launch-script compatibility, no effect (reasons at start-up)")
     for flag, nargs in IGNORED_FLAGS.items():
         kw = {"nargs": 0} if nargs == 0 else ({"nargs": nargs} if nargs else {})
         g.add_argument(flag, action=_IgnoredFlag, dest=f"_ignored_{flag.strip('-').replace('-', '_')}",
                        help=argparse.SUPPRESS, **kw)
 
+    from selfmoe.training.config_flags import add_config_flags
+
+    add_config_flags(p)  # TransformerConfig's other fields, as Megatron-LM derives them
     if extra_args_provider is not None:
         p = extra_args_provider(p) or p
+    p.set_defaults(_flag_actions=tuple(p._actions))  # for the domain checks
     return p
 
 
@@ -295,9 +303,14 @@ def parse_blend(tokens):
 
 
 def parse_split(split: str) -> list[float]:
-    """"969,30,1" -> normalized [train, valid, test] weights (megatron-core's parser)."""
+    """"969,30,1" -> normalized [train, valid, test] weights (megatron-core's parser, after a strict
+    check: 1-3 comma-separated finite numbers >= 0 with a positive sum, else ValueError)."""
     from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
 
+    parts = [x.strip() for x in str(split).split(",")]
+    values = [float(x) for x in parts]  # ValueError on "a" or ""
+    if not 1 <= len(values) <= 3 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise ValueError(split)
     return parse_and_normalize_split(split)
 
 
@@ -366,6 +379,9 @@ def validate_args(args, world_size: int | None = None) -> None:
         args.notes = []
     if not hasattr(args, "ignored_flags") or args.ignored_flags is None:
         args.ignored_flags = []
+    from selfmoe.training import config_flags
+
+    config_flags.validate_megatron_flags(args, ArgumentError)
     _validate_optimizer_sharding(args)
     _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
              "train_iters", "lr")
@@ -529,6 +545,8 @@ def _validate_data(args):
     if args.split is not None:
         try:
             weights = parse_split(args.split)
+            if weights is None or sum(weights) <= 0:
+                raise ValueError
         except (AssertionError, ValueError, ZeroDivisionError):
             raise ArgumentError(f"--split {args.split!r} is not a comma-separated list of 1-3 non-negative numbers")
         if weights[0] <= 0:
@@ -537,6 +555,10 @@ def _validate_data(args):
                          ("--valid-data-path", args.valid_data_path), ("--test-data-path", args.test_data_path)):
         if not tokens:
             continue
+        if len(tokens) > 1 and _is_number(tokens[0]) and (
+                len(tokens) % 2 or not all(_is_number(t) for t in tokens[::2])):
+            raise ArgumentError(f"{flag}: a blend is 'weight prefix' pairs, got {len(tokens)} values "
+                                f"({' '.join(tokens[:4])}{' ...' if len(tokens) > 4 else ''})")
         if len(tokens) % 2 == 0 and all(_is_number(t) for t in tokens[::2]):
             if any(float(w) < 0 for w in tokens[::2]):
                 raise ArgumentError(f"{flag}: blend weights must be >= 0")
@@ -645,6 +667,9 @@ def args_to_config(args):
             routing_free_mu=args.routing_free_mu, routing_free_expert_type=args.routing_free_expert_type,
             random_router_seed=args.seed, hash_router_seed=args.seed,
         )
+    from selfmoe.training.config_flags import config_kwargs
+
+    kw.update(config_kwargs(args))  # TransformerConfig's other fields (derived flags)
     style = "mixtral" if args.swiglu else "gpt2"
     try:
         return make_config(style, **kw)

@@ -78,7 +78,8 @@ def build_model(args, config, model_provider) -> list:
         if args.bf16 or args.fp16:
             model = Float16Module(config, model)
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=args.bf16,  # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
+            # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
+            grad_reduce_in_fp32=args.bf16 or getattr(args, "accumulate_allreduce_grads_in_fp32", False),
             overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer,
             check_for_nan_in_grad=False,
         )
@@ -256,8 +257,9 @@ def pretrain(args, config, model_provider, forward_step, datasets_provider, loss
 def _pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name) -> dict:
     set_random_seed(args.seed)
     logger = TrainingLogger(args, tokens_per_iteration=args.global_batch_size * args.seq_length, loss_name=loss_name)
-    if args.ignored_flags:
-        logger.print(f"ignored on CPU (no effect here): {' '.join(args.ignored_flags)}")
+    reasons = getattr(args, "ignored_reasons", {})
+    for flag in args.ignored_flags:
+        logger.print(f"ignored: {flag} ({reasons.get(flag, 'no effect in selfmoe')})")
     for note in getattr(args, "notes", []):
         logger.print(f"note: {note}")
     logger.print(f"world size {args.world_size} | data-parallel {args.data_parallel_size} | tensor-parallel "
