@@ -222,6 +222,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> list:
     """Add the derived flags not already defined by hand; returns the DerivedFlags added."""
     taken = set(parser._option_string_actions)
     dests = {a.dest for a in parser._actions}
+    docs = field_docs(_config_classes())
+    field_of = {flag: f for f, flag in FLAG_NAMES.items()}
+    for action in parser._actions:  # hand-written flags of config fields: help from the field's doc too
+        field = field_of.get(action.option_strings[0] if action.option_strings else "", action.dest)
+        if action.help is None and field in docs:
+            action.help = docs[field].replace("%", "%%") + f" [TransformerConfig.{field}]"
     group = parser.add_argument_group("transformer configuration (derived from megatron-core's TransformerConfig)")
     added = []
     for d in derived_flags():
