@@ -398,6 +398,14 @@ IGNORED_REASONS = {
 HONOURED_VALUES = {"attention_backend": {"auto", "local"}}
 
 CKPT_FORMATS = ("torch_dist",)
+TE_RECOMPUTE_MODULES = ("layernorm", "moe_act", "mla_up_proj")
+
+
+def _te_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+SCORED_ROUTERS = ("learned", "self")  # routers built on megatron-core's TopKRouter (its routing options apply)
 
 
 def _value_name(v):
@@ -447,6 +455,20 @@ def validate_megatron_flags(args, error) -> None:
         coeffs = coeffs * len(types)
     args.moe_router_load_balancing_type = types[0] if len(types) == 1 else types
     args.moe_aux_loss_coeff = coeffs[0] if len(coeffs) == 1 else coeffs
+
+    # megatron-core recomputes these modules with CheckpointWithoutOutput, which needs TransformerEngine
+    modules = getattr(args, "recompute_modules", None)
+    if modules and not _te_importable():
+        for m in [m for m in modules if m in TE_RECOMPUTE_MODULES]:
+            note_ignored(args, f"--recompute-modules {m}", "needs TransformerEngine (megatron-core recomputes it "
+                                                           "with CheckpointWithoutOutput); not recomputed")
+        args.recompute_modules = [m for m in modules if m not in TE_RECOMPUTE_MODULES] or None
+
+    # routers that draw experts without scores cannot limit the draw to the best groups
+    if getattr(args, "moe_router_num_groups", None) and getattr(args, "num_experts", None) and \
+            args.moe_router_type not in SCORED_ROUTERS:
+        raise error(f"--moe-router-num-groups: group-limited routing needs expert scores; --moe-router-type "
+                    f"{args.moe_router_type} has none (use {' or '.join(SCORED_ROUTERS)})")
 
     for d in derived_in(args):
         if d.field in HONOURED_VALUES and _value_name(getattr(args, d.field)) in HONOURED_VALUES[d.field]:
