@@ -132,7 +132,16 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"), default="linear")
+    g.add_argument("--train-samples", type=int, help="sample-based schedule: --train-iters = this / global batch")
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+                   default="linear")
+    g.add_argument("--lr-decay-samples", type=int, help="with --train-samples; default --train-samples")
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="with --train-samples")
+    g.add_argument("--lr-wsd-decay-style", choices=("exponential", "linear", "cosine", "minus_sqrt"),
+                   default="exponential", help="WSD: the shape of the final decay")
+    g.add_argument("--lr-wsd-decay-iters", type=int, help="WSD: iterations of the final decay")
+    g.add_argument("--lr-wsd-decay-samples", type=int, help="WSD with --train-samples: samples of the final decay")
+    g.add_argument("--exit-duration-in-mins", type=float, help="stop (after saving, with --save) after this long")
     g.add_argument("--lr-decay-iters", type=int, help="default --train-iters")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-fraction", type=float)
@@ -271,8 +280,10 @@ def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None
     if demo:
         parser.set_defaults(**demo_defaults)
     args = parser.parse_args(argv)
-    if demo and any(a.split("=")[0] == "--lr-warmup-iters" for a in argv):
+    if demo and any(a.split("=")[0] in ("--lr-warmup-iters", "--lr-warmup-samples") for a in argv):
         args.lr_warmup_fraction = None  # an explicit warmup replaces the demo's warmup fraction
+    if demo and any(a.split("=")[0] == "--train-samples" for a in argv):
+        args.train_iters = None  # a sample-based schedule replaces the demo's iteration count
     args.demo = demo
     args.ignored_flags = getattr(args, "ignored_flags", None) or []
     args.notes = []  # adjustments validation made, printed once at start
@@ -383,8 +394,9 @@ def validate_args(args, world_size: int | None = None) -> None:
 
     config_flags.validate_megatron_flags(args, ArgumentError)
     _validate_optimizer_sharding(args)
-    _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-             "train_iters", "lr")
+    _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr")
+    if args.train_iters is None and args.train_samples is None:
+        raise ArgumentError("--train-iters (or --train-samples) is required")
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
               "global_batch_size", "train_iters", "eval_interval", "log_interval", "save_interval", "exit_interval",
               "tensorboard_log_interval", "num_experts", "moe_router_topk", "tensor_model_parallel_size",
@@ -488,6 +500,7 @@ def validate_args(args, world_size: int | None = None) -> None:
         raise ArgumentError(f"the interleaved pipeline needs the micro-batches per step ({nmb} = --global-batch-size / "
                             f"(--micro-batch-size x data-parallel size)) to be a multiple of "
                             f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+    _validate_sample_schedule(args)
     if args.rampup_batch_size is not None:
         raise ArgumentError("--rampup-batch-size: batch-size rampup is not supported with --train-iters "
                             "(Megatron-LM refuses it too)")
@@ -499,10 +512,23 @@ def validate_args(args, world_size: int | None = None) -> None:
         raise ArgumentError("give only one of --lr-warmup-fraction and --lr-warmup-iters")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    warmup = args.lr_warmup_fraction * args.lr_decay_iters if args.lr_warmup_fraction is not None else args.lr_warmup_iters
-    if warmup >= args.lr_decay_iters:
-        raise ArgumentError(f"--lr-warmup-iters ({warmup:g}) must be smaller than --lr-decay-iters "
-                            f"({args.lr_decay_iters})")
+    if args.train_samples is not None:  # the scheduler's steps are samples: give it those
+        decay = args.lr_decay_samples if args.lr_decay_samples is not None else args.train_samples
+        warmup = args.lr_warmup_fraction * decay if args.lr_warmup_fraction is not None else args.lr_warmup_samples
+        if warmup >= decay:
+            raise ArgumentError(f"--lr-warmup-samples ({warmup:g}) must be smaller than --lr-decay-samples ({decay})")
+        args.lr_decay_samples, args.lr_warmup_samples = decay, int(warmup)
+    else:
+        warmup = (args.lr_warmup_fraction * args.lr_decay_iters if args.lr_warmup_fraction is not None
+                  else args.lr_warmup_iters)
+        if warmup >= args.lr_decay_iters:
+            raise ArgumentError(f"--lr-warmup-iters ({warmup:g}) must be smaller than --lr-decay-iters "
+                                f"({args.lr_decay_iters})")
+    if args.lr_decay_style == "WSD":
+        wsd = args.lr_wsd_decay_samples if args.train_samples is not None else args.lr_wsd_decay_iters
+        if wsd is None:
+            raise ArgumentError("--lr-decay-style WSD needs --lr-wsd-decay-iters (or, with --train-samples, "
+                                "--lr-wsd-decay-samples)")
 
     # precision
     if args.fp16 and args.bf16:
@@ -514,6 +540,30 @@ def validate_args(args, world_size: int | None = None) -> None:
 
     _validate_data(args)
     args_to_config(args)  # the config's own checks (router options), still before any model exists
+
+
+def _validate_sample_schedule(args) -> None:
+    """Megatron-LM's two schedules: in iterations (--train-iters, --lr-*-iters) or in samples
+    (--train-samples, --lr-*-samples), never mixed. Samples are what the scheduler counts anyway."""
+    sample_flags = [f for f in ("lr_decay_samples", "lr_wsd_decay_samples") if getattr(args, f) is not None]
+    sample_flags += ["lr_warmup_samples"] if args.lr_warmup_samples else []
+    if args.train_samples is None:
+        if sample_flags:
+            raise ArgumentError(f"--{sample_flags[0].replace('_', '-')} needs --train-samples (a sample-based "
+                                f"schedule); with --train-iters use --{sample_flags[0].replace('_samples', '_iters').replace('_', '-')}")
+        return
+    if args.train_iters is not None:
+        raise ArgumentError("give only one of --train-iters and --train-samples")
+    for f in ("lr_decay_iters", "lr_wsd_decay_iters"):
+        if getattr(args, f) is not None:
+            raise ArgumentError(f"--{f.replace('_', '-')} with --train-samples: give "
+                                f"--{f.replace('_iters', '_samples').replace('_', '-')}")
+    if args.lr_warmup_iters:
+        raise ArgumentError("--lr-warmup-iters with --train-samples: give --lr-warmup-samples")
+    args.train_iters = args.train_samples // args.global_batch_size
+    if args.train_iters < 1:
+        raise ArgumentError(f"--train-samples {args.train_samples} is less than one global batch "
+                            f"({args.global_batch_size})")
 
 
 def _parse_subspace(spec):

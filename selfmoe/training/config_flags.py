@@ -129,7 +129,9 @@ DOMAINS = {
     "moe_router_bias_update_rate": _NONNEG, "moe_input_jitter_eps": _POS, "moe_router_topk_scaling_factor": _POS,
     "self_routing_temperature": _POS, "routing_free_rank": _POS, "routing_free_theta": _POS,
     "routing_free_density_target": _PROB, "routing_free_lambda0": _NONNEG, "routing_free_eta": _POS,
-    "routing_free_mu": _UNIT, "tensorboard_log_interval": _POS,
+    "routing_free_mu": _UNIT, "tensorboard_log_interval": _POS, "train_samples": _POS, "lr_decay_samples": _POS,
+    "lr_warmup_samples": _NONNEG, "lr_wsd_decay_iters": _POS, "lr_wsd_decay_samples": _POS,
+    "exit_duration_in_mins": _POS,
     # derived fields whose name does not say it
     "glu_linear_offset": (None, False, None, False), "qk_clip_alpha": _PROB, "mtp_loss_scaling_factor": _NONNEG,
 }
