@@ -466,6 +466,10 @@ def validate_megatron_flags(args, error) -> None:
                                                            "with CheckpointWithoutOutput); not recomputed")
         args.recompute_modules = [m for m in modules if m not in TE_RECOMPUTE_MODULES] or None
 
+    if getattr(args, "calculate_per_token_loss", False) and getattr(args, "deepspeed", False):
+        raise error("--calculate-per-token-loss with --deepspeed: DeepSpeed's engine averages the loss per "
+                    "micro-batch; drop one of the two")
+
     # routers that draw experts without scores cannot limit the draw to the best groups
     if getattr(args, "moe_router_num_groups", None) and getattr(args, "num_experts", None) and \
             args.moe_router_type not in SCORED_ROUTERS:
