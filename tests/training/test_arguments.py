@@ -263,8 +263,6 @@ CLI_ERRORS = {
     # issue 10 kind 2: domains and lenient parsers, checked before anything is built
     "theta-0": (["--moe-router-type", "routing-free", "--routing-free-theta", "0"], {}, "--routing-free-theta"),
     "split-abc": (["--mock-data", "--split", "abc"], {}, "--split"),
-    "odd-blend": (["--data-path", "0.3", "a", "0.7"], {}, "--data-path"),
-    "ckpt-torch": (["--ckpt-format", "torch"], {}, "--ckpt-format"),
 }
 
 

@@ -122,6 +122,8 @@ COMPANIONS = {
     "--load": None, "--finetune": None, "--no-load-optim": None, "--no-load-rng": None,  # test_checkpointing
     "--use-checkpoint-opt_param-scheduler": None, "--override-opt_param-scheduler": None,
     "--rampup-batch-size": None,  # refused in one line
+    "--train-samples": None, "--lr-decay-samples": None, "--lr-warmup-samples": None,  # test_schedule_flags
+    "--lr-wsd-decay-samples": None,
     "--moe-layer-freq": None,  # the layer-spec helper's flag
     "--fp16": ["--fp16"], "--rotary-base": ["--position-embedding-type", "rope", "--rotary-base", "500"],
     "--rotary-percent": ["--position-embedding-type", "rope", "--rotary-percent", "0.5"],
