@@ -96,6 +96,8 @@ NEEDS = {
        for f in ("moe_enable_deepep", "moe_flex_dispatcher_backend", "moe_deepep_num_sms", "moe_hybridep_num_sms")},
     **{f: "CUDA graphs: CUDA only, not wired in selfmoe yet"
        for f in ("enable_cuda_graph", "cuda_graph_warmup_steps", "external_cuda_graph", "cuda_graph_impl")},
+    "layernorm_zero_centered_gamma": "needs TransformerEngine or Apex norms (torch's LayerNorm/RMSNorm in the local "
+                                     "spec have no zero-centred gamma)",
     "cross_entropy_loss_fusion": "cuda", "disable_bf16_reduced_precision_matmul": "cuda",
     "use_fused_weighted_squared_relu": "cuda", "async_tensor_model_parallel_allreduce": "cuda",
     "pipeline_model_parallel_comm_backend": "cuda", "use_ring_exchange_p2p": "cuda",

@@ -150,3 +150,48 @@ def test_recomputation_gives_the_same_loss_and_gradients(mp, recompute):
     assert grads.keys() == grads_ref.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], grads_ref[n], msg=n)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-micro-batch", "per-token"])
+def test_calculate_per_token_loss_weights_every_token_equally(per_token):
+    """Two micro-batches with 32 and 4 loss tokens. Megatron-LM's default averages each micro-batch,
+    then the micro-batches; --calculate-per-token-loss averages over all 36 tokens. The gradients
+    megatron-core's schedule + finalize_model_grads produce equal plain autograd on that formula."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from selfmoe.training import gpt
+    from selfmoe.training.distributed import destroy_distributed, init_distributed, set_random_seed
+    from selfmoe.training.trainer import build_model, build_optimizer, wire_config
+
+    args = parse_args(BASE + ["--global-batch-size", "4"] + (["--calculate-per-token-loss"] if per_token else []))
+    config = args_to_config(args)
+    assert config.calculate_per_token_loss is per_token
+    init_distributed(args)
+    try:
+        set_random_seed(args.seed)
+        model = build_model(args, config, gpt.model_provider)
+        optimizer, _ = build_optimizer(args, model)
+        wire_config(config, optimizer)
+        ids, pos = torch.randint(0, 60, (4, 16)), torch.arange(16)[None].expand(2, 16)
+        masks = [torch.ones(2, 16), torch.zeros(2, 16)]
+        masks[1][0, :4] = 1
+        batches = [dict(tokens=ids[2 * i:2 * i + 2], labels=ids[2 * i:2 * i + 2], position_ids=pos,
+                        loss_mask=masks[i]) for i in range(2)]
+        model[0].zero_grad_buffer()
+        get_forward_backward_func()(forward_step_func=gpt.forward_step, data_iterator=iter(batches), model=model,
+                                    num_microbatches=2, seq_length=16, micro_batch_size=2, decoder_seq_length=16,
+                                    forward_only=False)
+        params = dict(model[0].module.named_parameters())
+        got = {n: p.main_grad.clone() for n, p in params.items()}
+
+        model[0].zero_grad_buffer()  # the reference: plain autograd on the formula (DDP hooks collect it)
+        sums = [(model[0].module(b["tokens"], pos, None, labels=b["labels"]) * b["loss_mask"]).sum() for b in batches]
+        if per_token:
+            loss = (sums[0] + sums[1]) / (masks[0].sum() + masks[1].sum())
+        else:
+            loss = (sums[0] / masks[0].sum() + sums[1] / masks[1].sum()) / 2
+        loss.backward()
+        for n, p in params.items():
+            torch.testing.assert_close(got[n], p.main_grad, rtol=1e-4, atol=1e-6, msg=n)
+    finally:
+        destroy_distributed()
