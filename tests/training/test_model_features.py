@@ -195,3 +195,38 @@ def test_calculate_per_token_loss_weights_every_token_equally(per_token):
             torch.testing.assert_close(got[n], p.main_grad, rtol=1e-4, atol=1e-6, msg=n)
     finally:
         destroy_distributed()
+
+
+def test_qwen3_moe_style_launch_builds_the_model_it_describes(mp):
+    """The flags of a Qwen3-30B-A3B launch (Megatron-LM style), sizes shrunk, GPU flags kept: parses,
+    lists what cannot take effect here, and builds a model whose parameter count is the hand count."""
+    qwen3 = """--num-layers 2 --hidden-size 32 --ffn-hidden-size 96 --num-attention-heads 4 --group-query-attention
+        --num-query-groups 2 --kv-channels 16 --qk-layernorm --position-embedding-type rope --rotary-base 1000000
+        --normalization RMSNorm --norm-epsilon 1e-6 --swiglu --untie-embeddings-and-output-weights
+        --disable-bias-linear --num-experts 4 --moe-ffn-hidden-size 24 --moe-router-topk 2
+        --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 1e-3 --moe-grouped-gemm
+        --moe-token-dispatcher-type alltoall --moe-router-dtype fp32 --moe-permute-fusion --attention-backend fused
+        --cross-entropy-loss-fusion --recompute-granularity full --recompute-method uniform --recompute-num-layers 1
+        --manual-gc --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+        --seq-length 16 --max-position-embeddings 16 --micro-batch-size 2 --global-batch-size 4
+        --train-samples 40 --lr-warmup-samples 0 --lr-decay-samples 40 --lr 1e-4 --min-lr 1e-5
+        --lr-decay-style cosine --exit-duration-in-mins 230 --ckpt-format torch_dist --hidden-dropout 0
+        --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 60""".split()
+    for router in ("learned", "self"):
+        args = parse_args(qwen3 + ["--moe-router-type", router])
+        assert {"--moe-grouped-gemm", "--moe-permute-fusion", "--attention-backend", "--cross-entropy-loss-fusion",
+                "--manual-gc", "--overlap-grad-reduce", "--overlap-param-gather"} == set(args.ignored_flags)
+        assert args.train_iters == 10
+        c = args_to_config(args)
+        assert (c.qk_layernorm, c.recompute_granularity, c.moe_router_dtype) == (True, "full", "fp32")
+        torch.manual_seed(0)
+        model = build_gpt_model(c)
+        H, nh, ng, kv, E, F, V = 32, 4, 2, 16, 4, 24, 128  # V: 60 ids + eod padded to 128
+        per_layer = (H                          # input RMSNorm
+                     + H * (nh * kv + 2 * ng * kv)  # fused QKV, grouped-query
+                     + 2 * kv                   # q and k RMSNorm over the head dimension
+                     + nh * kv * H              # attention output projection
+                     + H                        # pre-MLP RMSNorm
+                     + (E * H if router == "learned" else 0)  # router weight (self routing reads H's channels)
+                     + E * (H * 2 * F + F * H))  # SwiGLU experts
+        assert nparams(model) == 2 * per_layer + V * H + V * H + H, router  # + embedding, output layer, final norm
