@@ -100,7 +100,7 @@ NEEDS = {
                                      "spec have no zero-centred gamma)",
     "cross_entropy_loss_fusion": "cuda", "disable_bf16_reduced_precision_matmul": "cuda",
     "use_fused_weighted_squared_relu": "cuda", "async_tensor_model_parallel_allreduce": "cuda",
-    "pipeline_model_parallel_comm_backend": "cuda", "use_ring_exchange_p2p": "cuda",
+    "pipeline_model_parallel_comm_backend": "cuda", "use_ring_exchange_p2p": _NOT_WIRED,
     **{f: _NOT_WIRED for f in (
         "overlap_moe_expert_parallel_comm", "ep_overlap_early_attn_memory_release", "defer_embedding_wgrad_compute",
         "wgrad_deferral_limit", "overlap_p2p_comm_warmup_flush", "microbatch_group_size_per_vp_stage",
