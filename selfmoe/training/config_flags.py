@@ -467,6 +467,15 @@ def validate_megatron_flags(args, error) -> None:
             note_ignored(args, f"--recompute-modules {m}", "needs TransformerEngine (megatron-core recomputes it "
                                                            "with CheckpointWithoutOutput); not recomputed")
         args.recompute_modules = [m for m in modules if m not in TE_RECOMPUTE_MODULES] or None
+    modules = getattr(args, "recompute_modules", None)
+    if modules and "mlp" in modules and not getattr(args, "num_experts", None):
+        import torch
+
+        if not torch.cuda.is_available():
+            note_ignored(args, "--recompute-modules mlp", "a dense model's MLP recompute was killed for memory on "
+                                                          "CPU with megatron-core 0.16.1 (not yet diagnosed); "
+                                                          "not recomputed")
+            args.recompute_modules = [m for m in modules if m != "mlp"] or None
 
     if getattr(args, "calculate_per_token_loss", False) and getattr(args, "deepspeed", False):
         raise error("--calculate-per-token-loss with --deepspeed: DeepSpeed's engine averages the loss per "
