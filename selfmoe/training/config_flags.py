@@ -482,6 +482,22 @@ def validate_megatron_flags(args, error) -> None:
                     "micro-batch; drop one of the two")
 
     # routers that draw experts without scores cannot limit the draw to the best groups
+    if getattr(args, "num_experts", None) and args.moe_router_type not in SCORED_ROUTERS:
+        scored_only = {  # TopKRouter's options: the flag, and whether it was given a non-default value
+            "--moe-aux-loss-coeff": any(c != 0 for c in (coeffs if len(coeffs) > 1 else coeffs[:1])),
+            "--moe-router-load-balancing-type": types != ["aux_loss"],
+            "--moe-z-loss-coeff": args.moe_z_loss_coeff is not None,
+            "--moe-router-enable-expert-bias": args.moe_router_enable_expert_bias,
+            "--moe-router-score-function": args.moe_router_score_function != "softmax",
+            "--moe-router-pre-softmax": args.moe_router_pre_softmax,
+            "--moe-router-topk-scaling-factor": args.moe_router_topk_scaling_factor is not None,
+            "--moe-input-jitter-eps": args.moe_input_jitter_eps is not None,
+            "--moe-router-dtype": args.moe_router_dtype is not None,
+        }
+        for flag, given in scored_only.items():
+            if given:
+                note_ignored(args, flag, f"--moe-router-type {args.moe_router_type} has no learned expert scores "
+                                         f"(the option is megatron-core TopKRouter's: learned, self)")
     if getattr(args, "moe_router_num_groups", None) and getattr(args, "num_experts", None) and \
             args.moe_router_type not in SCORED_ROUTERS:
         raise error(f"--moe-router-num-groups: group-limited routing needs expert scores; --moe-router-type "

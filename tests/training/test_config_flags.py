@@ -344,3 +344,14 @@ def test_every_honoured_config_flag_builds_and_trains_a_model(mp):
         except Exception as e:  # noqa: BLE001 - collected and reported together
             failures.append(f"{flag}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("router", ["random", "hash", "routing-free"])
+def test_topk_router_options_are_listed_for_routers_without_scores(router):
+    args = parse(MOE + ["--moe-router-type", router, "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001",
+                        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias"])
+    assert {"--moe-aux-loss-coeff", "--moe-z-loss-coeff", "--moe-router-score-function",
+            "--moe-router-enable-expert-bias"} <= set(args.ignored_flags)
+    assert "has no learned expert scores" in args.ignored_reasons["--moe-aux-loss-coeff"]
+    for scored in ("learned", "self"):  # TopKRouter subclasses: honoured
+        assert not parse(MOE + ["--moe-router-type", scored, "--moe-aux-loss-coeff", "0.01"]).ignored_flags
