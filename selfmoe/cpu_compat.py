@@ -319,6 +319,25 @@ def _patch_optimizer_tensor_types():
 
 
 # --------------------------------------------------------------------------------------------
+# 10. activation recomputation (--recompute-granularity full): CheckpointFunction.backward reruns
+#     the layer's forward inside autograd's backward thread, where the device mode (3.) is not
+#     active, so megatron-core's hard-coded `device="cuda"` (e.g. the default causal mask) fails.
+#     The backward runs under the same mode.
+# --------------------------------------------------------------------------------------------
+def _patch_recompute_backward():
+    from megatron.core.tensor_parallel.random import CheckpointFunction
+
+    backward = CheckpointFunction.backward
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *args):
+        with CudaToCpuMode():
+            return backward(ctx, *args)
+
+    CheckpointFunction.backward = staticmethod(wrapped)
+
+
+# --------------------------------------------------------------------------------------------
 # 0. torch's CUDA wheels (the 2.14.1 pin) log "No CUDA runtime is found, using CUDA_HOME=..." on
 #    stderr when torch.utils.cpp_extension is imported (by megatron-core and DeepSpeed) on a machine
 #    with a CUDA toolkit but no GPU. It is noise on CPU and breaks every tool's one-line error
@@ -340,6 +359,7 @@ _REDIRECTS = (
     ("missing_te_names", _patch_missing_te_names),
     ("uneven_sp_collectives", _patch_uneven_collectives),
     ("optimizer_tensor_types", _patch_optimizer_tensor_types),
+    ("recompute_backward", _patch_recompute_backward),
 )
 
 

@@ -110,6 +110,18 @@ def spot_optimizer_tensor_types():
     assert all(not torch.equal(a, p) for a, p in zip(before, ddp.parameters()))
 
 
+def spot_recompute_backward():
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    def layer(x):  # a recomputed function with one of megatron-core's hard-coded CUDA devices
+        return (x * get_default_causal_mask(3).float()).sum()
+
+    x = torch.ones(3, 3, requires_grad=True)
+    tensor_parallel.checkpoint(layer, False, x).backward()
+    assert torch.equal(x.grad, torch.triu(torch.ones(3, 3), diagonal=1))
+
+
 def _uneven_worker(rank, port, skip, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist

@@ -19,6 +19,8 @@ def transformer_layer_spec(config: SelfMoEConfig) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=False,
+        qk_layernorm=config.qk_layernorm,
+        qk_l2_norm=config.qk_l2_norm,
         normalization=config.normalization,
     )
     return with_moe_router(spec, config)

@@ -16,37 +16,31 @@ import math
 import os
 import sys
 
-# GPU-only (or not-implemented logging) flags from Megatron-LM launch scripts: accepted, no effect
-# here. name -> nargs (0: a switch, None: one value, "*": any number of values).
+# Flags of Megatron-LM launch scripts that have no effect here: accepted, and listed at start-up
+# with the reason (config_flags.IGNORED_REASONS). name -> nargs (0: a switch, None: one value,
+# "*": any number of values). TransformerConfig's own fields are derived (config_flags.py).
 IGNORED_FLAGS = {
-    "--use-mcore-models": 0, "--use-legacy-models": 0, "--use-flash-attn": 0,
-    "--transformer-impl": None, "--attention-backend": None, "--moe-grouped-gemm": 0,
-    "--moe-use-legacy-grouped-gemm": 0, "--moe-permute-fusion": 0, "--moe-router-fusion": 0,
+    "--use-mcore-models": 0, "--use-flash-attn": 0,
     "--overlap-grad-reduce": 0, "--overlap-param-gather": 0, "--align-param-gather": 0,
     "--overlap-param-gather-with-optimizer-step": 0,
     "--bias-gelu-fusion": 0, "--no-bias-gelu-fusion": 0, "--no-bias-swiglu-fusion": 0,
     "--no-bias-dropout-fusion": 0, "--no-rope-fusion": 0, "--no-persist-layer-norm": 0,
     "--attention-softmax-in-fp32": 0, "--no-masked-softmax-fusion": 0,
-    "--recompute-activations": 0, "--recompute-granularity": None, "--recompute-method": None,
-    "--recompute-num-layers": None, "--recompute-modules": "*", "--distribute-saved-activations": 0,
-    "--distributed-backend": None, "--accumulate-allreduce-grads-in-fp32": 0,
+    "--distributed-backend": None,
     "--no-gradient-accumulation-fusion": 0, "--use-torch-fsdp2": 0, "--use-megatron-fsdp": 0,
-    "--tp-comm-overlap": 0, "--cross-entropy-loss-fusion": 0, "--cross-entropy-fusion-impl": None,
     "--manual-gc": 0, "--manual-gc-interval": None, "--empty-unused-memory-level": None,
-    "--use-cpu-initialization": 0, "--async-save": 0, "--ckpt-fully-parallel-save": 0,
+    "--async-save": 0, "--ckpt-fully-parallel-save": 0,
     "--ckpt-fully-parallel-load": 0, "--ckpt-assume-constant-structure": 0, "--use-dist-ckpt": 0,
-    "--auto-detect-ckpt-format": 0, "--no-async-tensor-model-parallel-allreduce": 0,
+    "--auto-detect-ckpt-format": 0,
     "--overlap-p2p-communication": 0, "--ddp-bucket-size": None, "--ddp-average-in-collective": 0,
-    "--num-workers": None, "--dataloader-type": None, "--no-mmap-bin-files": 0,
-    "--fp8-format": None, "--fp8-recipe": None, "--fp8-param-gather": 0, "--fp8-amax-history-len": None,
-    "--fp8-amax-compute-algo": None, "--no-check-for-nan-in-loss-and-grad": 0,
+    "--num-workers": None, "--dataloader-type": None,
+    "--no-check-for-nan-in-loss-and-grad": 0,
     "--check-for-nan-in-loss-and-grad": 0, "--log-throughput": 0, "--log-timers-to-tensorboard": 0,
     "--log-validation-ppl-to-tensorboard": 0, "--log-memory-to-tensorboard": 0,
     "--log-num-zeros-in-grad": 0, "--log-params-norm": 0, "--log-world-size-to-tensorboard": 0,
     "--log-loss-scale-to-tensorboard": 0, "--timing-log-level": None, "--timing-log-option": None,
     "--wandb-project": None, "--wandb-exp-name": None, "--wandb-save-dir": None, "--wandb-entity": None,
-    "--moe-per-layer-logging": 0, "--local-rank": None, "--local_rank": None,
-    "--exit-on-missing-checkpoint": 0,
+    "--local-rank": None, "--local_rank": None,
 }
 
 ROUTER_TYPES = ("learned", "self", "random", "hash", "routing-free")
@@ -138,7 +132,16 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"), default="linear")
+    g.add_argument("--train-samples", type=int, help="sample-based schedule: --train-iters = this / global batch")
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+                   default="linear")
+    g.add_argument("--lr-decay-samples", type=int, help="with --train-samples; default --train-samples")
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="with --train-samples")
+    g.add_argument("--lr-wsd-decay-style", choices=("exponential", "linear", "cosine", "minus_sqrt"),
+                   default="exponential", help="WSD: the shape of the final decay")
+    g.add_argument("--lr-wsd-decay-iters", type=int, help="WSD: iterations of the final decay")
+    g.add_argument("--lr-wsd-decay-samples", type=int, help="WSD with --train-samples: samples of the final decay")
+    g.add_argument("--exit-duration-in-mins", type=float, help="stop (after saving, with --save) after this long")
     g.add_argument("--lr-decay-iters", type=int, help="default --train-iters")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-fraction", type=float)
@@ -163,6 +166,7 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Megatron-Core's DistributedOptimizer: optimizer state sharded over data-parallel ranks")
 
@@ -184,7 +188,9 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load weights only; iteration restarts at 0")
-    g.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    g.add_argument("--ckpt-format", default="torch_dist", help="torch_dist (the one format selfmoe writes)")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="with --load: exit (code 2) instead of training from scratch when there is no checkpoint")
     g.add_argument("--run-name", help="names ./runs/<name> and ./checkpoints/<name> in the demo")
 
     g = p.add_argument_group("data and tokenizer")
@@ -197,6 +203,7 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path")
     g.add_argument("--reset-position-ids", action="store_true")
     g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false")
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--tokenizer-type")
     g.add_argument("--tokenizer-model")
@@ -208,9 +215,10 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--num-experts", type=int, help="none: dense baseline")
     g.add_argument("--moe-ffn-hidden-size", type=int, help="default --ffn-hidden-size")
     g.add_argument("--moe-router-topk", type=int, default=2)
-    g.add_argument("--moe-router-load-balancing-type", choices=("aux_loss", "seq_aux_loss", "sinkhorn", "none"),
-                   default="aux_loss")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-router-load-balancing-type", nargs="+",
+                   choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"), default=["aux_loss"],
+                   help="one or several (each with its own --moe-aux-loss-coeff)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=[0.0])
     g.add_argument("--moe-z-loss-coeff", type=float)
     g.add_argument("--moe-router-enable-expert-bias", action="store_true")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
@@ -239,14 +247,23 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--routing-free-mu", type=float, default=0.5)
     g.add_argument("--routing-free-expert-type", choices=("aoe", "mlp"), default="aoe")
 
-    g = p.add_argument_group("accepted for launch-script compatibility, no effect on CPU")
+    g = p.add_argument_group("network size")
+    g.add_argument("--use-legacy-models", action="store_true", help="refused: selfmoe builds Megatron-Core models")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"))
+    g.add_argument("--recompute-activations", action="store_true", help="as --recompute-granularity selective")
+
+    g = p.add_argument_group("accepted for launch-script compatibility, no effect (reasons at start-up)")
     for flag, nargs in IGNORED_FLAGS.items():
         kw = {"nargs": 0} if nargs == 0 else ({"nargs": nargs} if nargs else {})
         g.add_argument(flag, action=_IgnoredFlag, dest=f"_ignored_{flag.strip('-').replace('-', '_')}",
                        help=argparse.SUPPRESS, **kw)
 
+    from selfmoe.training.config_flags import add_config_flags
+
+    add_config_flags(p)  # TransformerConfig's other fields, as Megatron-LM derives them
     if extra_args_provider is not None:
         p = extra_args_provider(p) or p
+    p.set_defaults(_flag_actions=tuple(p._actions))  # for the domain checks
     return p
 
 
@@ -263,8 +280,10 @@ def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None
     if demo:
         parser.set_defaults(**demo_defaults)
     args = parser.parse_args(argv)
-    if demo and any(a.split("=")[0] == "--lr-warmup-iters" for a in argv):
+    if demo and any(a.split("=")[0] in ("--lr-warmup-iters", "--lr-warmup-samples") for a in argv):
         args.lr_warmup_fraction = None  # an explicit warmup replaces the demo's warmup fraction
+    if demo and any(a.split("=")[0] == "--train-samples" for a in argv):
+        args.train_iters = None  # a sample-based schedule replaces the demo's iteration count
     args.demo = demo
     args.ignored_flags = getattr(args, "ignored_flags", None) or []
     args.notes = []  # adjustments validation made, printed once at start
@@ -295,9 +314,14 @@ def parse_blend(tokens):
 
 
 def parse_split(split: str) -> list[float]:
-    """"969,30,1" -> normalized [train, valid, test] weights (megatron-core's parser)."""
+    """"969,30,1" -> normalized [train, valid, test] weights (megatron-core's parser, after a strict
+    check: 1-3 comma-separated finite numbers >= 0 with a positive sum, else ValueError)."""
     from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
 
+    parts = [x.strip() for x in str(split).split(",")]
+    values = [float(x) for x in parts]  # ValueError on "a" or ""
+    if not 1 <= len(values) <= 3 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise ValueError(split)
     return parse_and_normalize_split(split)
 
 
@@ -366,9 +390,13 @@ def validate_args(args, world_size: int | None = None) -> None:
         args.notes = []
     if not hasattr(args, "ignored_flags") or args.ignored_flags is None:
         args.ignored_flags = []
+    from selfmoe.training import config_flags
+
+    config_flags.validate_megatron_flags(args, ArgumentError)
     _validate_optimizer_sharding(args)
-    _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-             "train_iters", "lr")
+    _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr")
+    if args.train_iters is None and args.train_samples is None:
+        raise ArgumentError("--train-iters (or --train-samples) is required")
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
               "global_batch_size", "train_iters", "eval_interval", "log_interval", "save_interval", "exit_interval",
               "tensorboard_log_interval", "num_experts", "moe_router_topk", "tensor_model_parallel_size",
@@ -472,6 +500,7 @@ def validate_args(args, world_size: int | None = None) -> None:
         raise ArgumentError(f"the interleaved pipeline needs the micro-batches per step ({nmb} = --global-batch-size / "
                             f"(--micro-batch-size x data-parallel size)) to be a multiple of "
                             f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+    _validate_sample_schedule(args)
     if args.rampup_batch_size is not None:
         raise ArgumentError("--rampup-batch-size: batch-size rampup is not supported with --train-iters "
                             "(Megatron-LM refuses it too)")
@@ -483,10 +512,23 @@ def validate_args(args, world_size: int | None = None) -> None:
         raise ArgumentError("give only one of --lr-warmup-fraction and --lr-warmup-iters")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    warmup = args.lr_warmup_fraction * args.lr_decay_iters if args.lr_warmup_fraction is not None else args.lr_warmup_iters
-    if warmup >= args.lr_decay_iters:
-        raise ArgumentError(f"--lr-warmup-iters ({warmup:g}) must be smaller than --lr-decay-iters "
-                            f"({args.lr_decay_iters})")
+    if args.train_samples is not None:  # the scheduler's steps are samples: give it those
+        decay = args.lr_decay_samples if args.lr_decay_samples is not None else args.train_samples
+        warmup = args.lr_warmup_fraction * decay if args.lr_warmup_fraction is not None else args.lr_warmup_samples
+        if warmup >= decay:
+            raise ArgumentError(f"--lr-warmup-samples ({warmup:g}) must be smaller than --lr-decay-samples ({decay})")
+        args.lr_decay_samples, args.lr_warmup_samples = decay, int(warmup)
+    else:
+        warmup = (args.lr_warmup_fraction * args.lr_decay_iters if args.lr_warmup_fraction is not None
+                  else args.lr_warmup_iters)
+        if warmup >= args.lr_decay_iters:
+            raise ArgumentError(f"--lr-warmup-iters ({warmup:g}) must be smaller than --lr-decay-iters "
+                                f"({args.lr_decay_iters})")
+    if args.lr_decay_style == "WSD":
+        wsd = args.lr_wsd_decay_samples if args.train_samples is not None else args.lr_wsd_decay_iters
+        if wsd is None:
+            raise ArgumentError("--lr-decay-style WSD needs --lr-wsd-decay-iters (or, with --train-samples, "
+                                "--lr-wsd-decay-samples)")
 
     # precision
     if args.fp16 and args.bf16:
@@ -498,6 +540,30 @@ def validate_args(args, world_size: int | None = None) -> None:
 
     _validate_data(args)
     args_to_config(args)  # the config's own checks (router options), still before any model exists
+
+
+def _validate_sample_schedule(args) -> None:
+    """Megatron-LM's two schedules: in iterations (--train-iters, --lr-*-iters) or in samples
+    (--train-samples, --lr-*-samples), never mixed. Samples are what the scheduler counts anyway."""
+    sample_flags = [f for f in ("lr_decay_samples", "lr_wsd_decay_samples") if getattr(args, f) is not None]
+    sample_flags += ["lr_warmup_samples"] if args.lr_warmup_samples else []
+    if args.train_samples is None:
+        if sample_flags:
+            raise ArgumentError(f"--{sample_flags[0].replace('_', '-')} needs --train-samples (a sample-based "
+                                f"schedule); with --train-iters use --{sample_flags[0].replace('_samples', '_iters').replace('_', '-')}")
+        return
+    if args.train_iters is not None:
+        raise ArgumentError("give only one of --train-iters and --train-samples")
+    for f in ("lr_decay_iters", "lr_wsd_decay_iters"):
+        if getattr(args, f) is not None:
+            raise ArgumentError(f"--{f.replace('_', '-')} with --train-samples: give "
+                                f"--{f.replace('_iters', '_samples').replace('_', '-')}")
+    if args.lr_warmup_iters:
+        raise ArgumentError("--lr-warmup-iters with --train-samples: give --lr-warmup-samples")
+    args.train_iters = args.train_samples // args.global_batch_size
+    if args.train_iters < 1:
+        raise ArgumentError(f"--train-samples {args.train_samples} is less than one global batch "
+                            f"({args.global_batch_size})")
 
 
 def _parse_subspace(spec):
@@ -529,6 +595,8 @@ def _validate_data(args):
     if args.split is not None:
         try:
             weights = parse_split(args.split)
+            if weights is None or sum(weights) <= 0:
+                raise ValueError
         except (AssertionError, ValueError, ZeroDivisionError):
             raise ArgumentError(f"--split {args.split!r} is not a comma-separated list of 1-3 non-negative numbers")
         if weights[0] <= 0:
@@ -537,6 +605,10 @@ def _validate_data(args):
                          ("--valid-data-path", args.valid_data_path), ("--test-data-path", args.test_data_path)):
         if not tokens:
             continue
+        if len(tokens) > 1 and _is_number(tokens[0]) and (
+                len(tokens) % 2 or not all(_is_number(t) for t in tokens[::2])):
+            raise ArgumentError(f"{flag}: a blend is 'weight prefix' pairs, got {len(tokens)} values "
+                                f"({' '.join(tokens[:4])}{' ...' if len(tokens) > 4 else ''})")
         if len(tokens) % 2 == 0 and all(_is_number(t) for t in tokens[::2]):
             if any(float(w) < 0 for w in tokens[::2]):
                 raise ArgumentError(f"{flag}: blend weights must be >= 0")
@@ -645,6 +717,9 @@ def args_to_config(args):
             routing_free_mu=args.routing_free_mu, routing_free_expert_type=args.routing_free_expert_type,
             random_router_seed=args.seed, hash_router_seed=args.seed,
         )
+    from selfmoe.training.config_flags import config_kwargs
+
+    kw.update(config_kwargs(args))  # TransformerConfig's other fields (derived flags)
     style = "mixtral" if args.swiglu else "gpt2"
     try:
         return make_config(style, **kw)

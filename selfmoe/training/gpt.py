@@ -108,7 +108,8 @@ def datasets_provider(args, num_samples):
         random_seed=args.seed, sequence_length=args.seq_length, blend=blend, blend_per_split=blend_per_split,
         split=split, path_to_cache=args.data_cache_path, tokenizer=tokenizer,
         reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss, create_attention_mask=False,
+        eod_mask_loss=args.eod_mask_loss, create_attention_mask=args.reset_attention_mask,
+        mmap_bin_files=getattr(args, "mmap_bin_files", True),
     )
     cls = MockGPTDataset if args.mock_data else GPTDataset
     log = logging.getLogger("megatron.core.datasets")
@@ -132,9 +133,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    """One micro-batch through GPTModel; causal attention from the layer spec (no mask tensor)."""
+    """One micro-batch through GPTModel: causal attention from the layer spec, or, with
+    --reset-attention-mask, the dataset's document-level causal mask ([b, 1, s, s], True = masked)."""
     batch = next(data_iterator)
     if torch.cuda.is_available():
         batch = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])

@@ -79,7 +79,8 @@ def build_model(args, config, model_provider) -> list:
         if args.bf16 or args.fp16:
             model = Float16Module(config, model)
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=args.bf16,  # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
+            # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
+            grad_reduce_in_fp32=args.bf16 or getattr(args, "accumulate_allreduce_grads_in_fp32", False),
             overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer,
             check_for_nan_in_grad=False,
         )
@@ -118,12 +119,16 @@ def build_scheduler(args, optimizer):
         warmup_steps = args.lr_warmup_fraction * decay_steps
     else:
         warmup_steps = args.lr_warmup_iters * gbs
+    wsd_steps = (getattr(args, "lr_wsd_decay_iters", None) or 0) * gbs or None
+    if getattr(args, "train_samples", None) is not None:  # Megatron-LM's sample-based schedule
+        decay_steps, warmup_steps, wsd_steps = args.lr_decay_samples, args.lr_warmup_samples, args.lr_wsd_decay_samples
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gbs,
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
+        wsd_decay_steps=wsd_steps, lr_wsd_decay_style=getattr(args, "lr_wsd_decay_style", None),
     )
     return scheduler
 
@@ -257,8 +262,9 @@ def pretrain(args, config, model_provider, forward_step, datasets_provider, loss
 def _pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name) -> dict:
     set_random_seed(args.seed)
     logger = TrainingLogger(args, tokens_per_iteration=args.global_batch_size * args.seq_length, loss_name=loss_name)
-    if args.ignored_flags:
-        logger.print(f"ignored on CPU (no effect here): {' '.join(args.ignored_flags)}")
+    reasons = getattr(args, "ignored_reasons", {})
+    for flag in args.ignored_flags:
+        logger.print(f"ignored: {flag} ({reasons.get(flag, 'no effect in selfmoe')})")
     for note in getattr(args, "notes", []):
         logger.print(f"note: {note}")
     logger.print(f"world size {args.world_size} | data-parallel {args.data_parallel_size} | tensor-parallel "
@@ -357,6 +363,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         logger.print(f"saved checkpoint {state.last_checkpoint} ({time.time() - t0:.1f}s)")
 
     logger.start(state.iteration)
+    start_time = time.time()
     for chunk in model:
         chunk.train()
     while state.iteration < args.train_iters:
@@ -393,10 +400,16 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
             run_validation()
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save()
+        exit_flag = None
         if args.exit_interval and state.iteration % args.exit_interval == 0:
+            exit_flag = f"--exit-interval {args.exit_interval}"
+        elif getattr(args, "exit_duration_in_mins", None) and all_ranks_agree(
+                (time.time() - start_time) / 60 > args.exit_duration_in_mins):
+            exit_flag = f"--exit-duration-in-mins {args.exit_duration_in_mins:g}"
+        if exit_flag:
             if args.save and state.last_saved != state.iteration:
                 save()
-            logger.print(f"exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
+            logger.print(f"exiting at iteration {state.iteration} ({exit_flag})")
             break
 
     finished = state.iteration >= args.train_iters

@@ -154,15 +154,19 @@ def test_moe_without_disable_bias_linear_drops_biases_with_a_note():
     assert dense.add_bias_linear and dense.notes == []  # Megatron's default (biases on) where they work
 
 
-def test_gpu_only_flags_are_accepted_and_listed():
+def test_gpu_only_flags_are_accepted_and_listed_with_reasons():
     args = parse(["--use-flash-attn", "--transformer-impl", "transformer_engine", "--moe-grouped-gemm",
-                  "--recompute-granularity", "full", "--recompute-method", "uniform", "--overlap-grad-reduce",
-                  "--use-distributed-optimizer", "--no-masked-softmax-fusion", "--distributed-backend", "nccl",
-                  "--bf16"])
-    assert args.ignored_flags[:8] == ["--use-flash-attn", "--transformer-impl", "--moe-grouped-gemm",
-                                      "--recompute-granularity", "--recompute-method", "--overlap-grad-reduce",
-                                      "--no-masked-softmax-fusion", "--distributed-backend"]
-    # Megatron-Core's distributed optimizer and mixed precision run on CPU too (cpu_compat)
+                  "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
+                  "--overlap-grad-reduce", "--use-distributed-optimizer", "--no-masked-softmax-fusion",
+                  "--distributed-backend", "nccl", "--bf16"])
+    assert set(args.ignored_flags) == {"--use-flash-attn", "--transformer-impl transformer_engine",
+                                       "--moe-grouped-gemm", "--overlap-grad-reduce", "--no-masked-softmax-fusion",
+                                       "--distributed-backend"}
+    assert "TransformerEngine" in args.ignored_reasons["--moe-grouped-gemm"]
+    assert "on CPU" not in " ".join(args.ignored_reasons.values())  # kind 7: nothing claims to be GPU-only
+    # honoured on every device: recompute (megatron-core's), the distributed optimizer, mixed precision
+    c = args_to_config(args)
+    assert (c.recompute_granularity, c.recompute_method, c.recompute_num_layers) == ("full", "uniform", 1)
     assert args.use_distributed_optimizer and args.bf16
     assert "--use-distributed-optimizer" not in args.ignored_flags and "--bf16" not in args.ignored_flags
 
@@ -256,6 +260,9 @@ CLI_ERRORS = {
     "missing-data": (["--data-path", "/nonexistent/corpus_text_document"], {}, "--data-path"),
     "unknown-flag": (["--no-such-flag"], {}, "--no-such-flag"),
     "bad-router": (["--moe-router-type", "magic"], {}, "--moe-router-type"),
+    # issue 10 kind 2: domains and lenient parsers, checked before anything is built
+    "theta-0": (["--moe-router-type", "routing-free", "--routing-free-theta", "0"], {}, "--routing-free-theta"),
+    "split-abc": (["--mock-data", "--split", "abc"], {}, "--split"),
 }
 
 
