@@ -446,6 +446,11 @@ def validate_args(args, world_size: int | None = None) -> None:
                                 f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp}")
         if tp > 1 and not args.sequence_parallel:
             raise ArgumentError("--tensor-model-parallel-size > 1 with --num-experts needs --sequence-parallel")
+        if etp != tp:
+            # issue 9: with ETP != TP the expert replicas drift apart (expert grads are not reduced
+            # over the expert-data-parallel group); refused until a layout test shows 1-rank losses
+            raise ArgumentError(f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size {tp}: "
+                                "not supported (expert replicas would drift apart); leave it unset")
         megatron_experts = not (args.moe_router_type == "routing-free" and args.routing_free_expert_type == "aoe")
         if args.add_bias_linear and megatron_experts:
             # megatron-core 0.16's local (non-TransformerEngine) expert MLP adds the bias in place onto
