@@ -152,3 +152,68 @@ def test_routers_work_with_a_plain_transformer_config(mp, router):
 def test_hash_router_with_plain_config_says_what_it_needs(mp):
     with pytest.raises(ValueError, match=r"hash routing by token needs config.vocab_size"):
         user_model("hash", plain_config())
+
+
+# Routing-Free is left out: its balance loss still counts padding tokens on this branch (its
+# padding handling is rewritten under issue 8); the metrics counts above are invariant for it too.
+@pytest.mark.parametrize("router", ["learned", "self", "random", "hash"])
+def test_padding_tokens_change_no_statistic(mp, router):
+    """Reference: the same batch with other ids at the padding positions. Every count (metrics,
+    expert-bias counter) and the aux loss are the same, and they count the valid tokens only."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    cfg = tiny_config(router, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
+                      moe_router_enable_expert_bias=router in ("learned", "self"),
+                      moe_router_score_function="sigmoid" if router in ("learned", "self") else "softmax")
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    padding = torch.zeros(2, 16, dtype=torch.bool)
+    padding[0, 12:] = padding[1, 5:] = True
+    other = torch.where(padding, torch.randint(0, cfg.vocab_size, (2, 16), generator=g), ids)
+    seen = []
+    for batch in (ids, other):
+        torch.manual_seed(0)
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+        model = build_gpt_model(cfg)
+        stats = RoutingStats(model, cfg.num_layers, E)
+        clear_aux_losses_tracker()
+        model(batch, torch.arange(16)[None].expand(2, 16), None, labels=batch, padding_mask=padding).sum().backward()
+        tracked = {k: v["values"].clone() for k, v in get_moe_layer_wise_logging_tracker().items()}
+        counters = [r.local_tokens_per_expert.clone() for r in
+                    (layer.router for layer in moe_layers(model)) if getattr(r, "local_tokens_per_expert", None) is not None]
+        seen.append((stats.counts.clone(), stats.k_hist.clone(), tracked, counters))
+    (c0, k0, t0, b0), (c1, k1, t1, b1) = seen
+    n_valid = int((~padding).sum())
+    assert torch.equal(c0, c1) and torch.equal(k0, k1) and (k0.sum(1) == n_valid).all()
+    assert (c0.sum(1) == K * n_valid).all()
+    assert t0.keys() == t1.keys()
+    for key in t0:
+        torch.testing.assert_close(t0[key], t1[key])
+    assert len(b0) == len(b1) and all(torch.equal(a, b) for a, b in zip(b0, b1))
+    if router in ("learned", "self"):
+        assert "load_balancing_loss" in t0 and all((b.sum() == K * n_valid) for b in b0)
+
+
+def test_pretrain_forward_step_passes_the_padding_mask(mp):
+    """selfmoe.training.gpt.forward_step: tokens whose loss is masked (a short sample's padding)
+    reach the routers as padding; reference: counts of the valid tokens only."""
+    from selfmoe.training import gpt
+
+    cfg = tiny_config("hash")
+    model = build_gpt_model(cfg)
+    stats = RoutingStats(model, cfg.num_layers, E)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    loss_mask = torch.ones(2, 16)
+    loss_mask[1, 9:] = 0
+    batch = dict(tokens=ids, labels=ids, loss_mask=loss_mask, position_ids=torch.arange(16)[None].expand(2, 16))
+    output, loss_func = gpt.forward_step(iter([batch]), model)
+    valid = ids[loss_mask.bool()]
+    expected = torch.bincount(layer_table(model)[valid].flatten(), minlength=E).double()
+    assert torch.equal(stats.counts[0], expected)
+    assert loss_func(output)[1] == 25
+
+
+def layer_table(model):
+    return moe_layers(model)[0].router.table
