@@ -112,9 +112,8 @@ def test_top1_softmax_check_still_applies(router):
 
 
 def user_model(router_name, config):
-    """What a Megatron-Core user writes: their own local layer spec, our router class plugged in."""
-    import dataclasses
-
+    """What a Megatron-Core user writes (the README's "Using it from Python"): their own local
+    layer spec, our router class plugged in."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -122,8 +121,7 @@ def user_model(router_name, config):
     from selfmoe.routers import get_router_class
 
     spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)
-    mlp = mcore_compat.replace_moe_submodules(spec.submodules.mlp, router=get_router_class(router_name))
-    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
+    spec.submodules.mlp = mcore_compat.replace_moe_submodules(spec.submodules.mlp, router=get_router_class(router_name))
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=64, max_sequence_length=16)
 
 
