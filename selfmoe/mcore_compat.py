@@ -141,6 +141,26 @@ def _alltoall_capacity_at_most_tokens(original):
     return preprocess
 
 
+def _expert_grads_reduced_over_expert_dp(original):
+    """megatron-core 0.16.1 fault: expert weights are flagged for the expert-data-parallel
+    reduction (`allreduce=False`) only when expert_model_parallel_size > 1. With EP=1 and
+    expert_tensor_parallel_size != tensor_model_parallel_size (e.g. TP=2+SP, ETP=1) the expert-DP
+    group is not the DP group, yet DDP reduces the expert grads over the DP group: the TP ranks'
+    replicas of an expert, fed different tokens, drift apart. Patched: in that layout every expert
+    parameter of the layer is flagged, so DDP (and the grad-norm) use the expert groups."""
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        c = self.config
+        etp = c.expert_tensor_parallel_size or c.tensor_model_parallel_size
+        if c.expert_model_parallel_size == 1 and etp != c.tensor_model_parallel_size:
+            for p in self.experts.parameters():
+                p.allreduce = False
+
+    return __init__
+
+
 def apply_patches(version: str | None = None) -> list[str]:
     """Apply the megatron-core fault patches above (idempotent). On an untested megatron-core
     version they are skipped with a warning: they patch its internals by name."""
@@ -161,6 +181,10 @@ def apply_patches(version: str | None = None) -> list[str]:
         mcore_router.apply_router_token_dropping)
     mcore_router.TopKRouter.routing = _topk_routing_counts_routed_tokens(mcore_router.TopKRouter.routing)
     _patches.append("topk_routing_counts_routed_tokens")
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    MoELayer.__init__ = _expert_grads_reduced_over_expert_dp(MoELayer.__init__)
+    _patches.append("expert_grads_reduced_over_expert_dp")
     disp = token_dispatcher.MoEAlltoAllTokenDispatcher
     disp.preprocess = _alltoall_capacity_at_most_tokens(disp.preprocess)
     _patches.append("alltoall_capacity_at_most_tokens")

@@ -1,4 +1,4 @@
-"""Issue 9 at the command line: top-1 for routers without a softmax; ETP != TP refused in one line."""
+"""Issue 9 at the command line: top-1 for routers without a softmax; ETP != TP (refused under --deepspeed)."""
 
 import pytest
 
@@ -28,9 +28,24 @@ def test_top1_learned_still_needs_pre_softmax():
 
 
 @pytest.mark.parametrize("tp,etp", [(2, 1), (1, 2)])
-def test_expert_tensor_parallel_size_other_than_tp_is_refused(tp, etp):
+def test_expert_tensor_parallel_size_other_than_tp(tmp_path, tp, etp):
+    """Megatron-Core path: accepted (mcore_compat reduces expert grads over the expert-DP group;
+    tests/distributed/test_expert_tensor_parallel.py); --deepspeed: refused in one line."""
+    layout = ["--tensor-model-parallel-size", str(tp), "--sequence-parallel", "--expert-tensor-parallel-size", str(etp)]
+    assert validated(layout, world_size=2).expert_tensor_parallel_size == etp
+    cfg = tmp_path / "ds.json"
+    cfg.write_text('{"zero_optimization": {"stage": 2}}')
     with pytest.raises(ArgumentError) as e:
-        validated(["--tensor-model-parallel-size", str(tp), "--sequence-parallel",
-                   "--expert-tensor-parallel-size", str(etp)], world_size=2)
+        validated(layout + ["--deepspeed", "--deepspeed-config", str(cfg)], world_size=2)
     msg = str(e.value)
-    assert "--expert-tensor-parallel-size" in msg and "\n" not in msg
+    assert "--expert-tensor-parallel-size" in msg and "--deepspeed" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--moe-router-type", "routing-free", "--moe-expert-capacity-factor", "1.0"], "--moe-expert-capacity-factor"),
+    (["--moe-pad-expert-input-to-capacity"], "--moe-pad-expert-input-to-capacity"),
+])
+def test_capacity_flags_that_would_be_dropped_are_refused(extra, flag):
+    with pytest.raises(ArgumentError) as e:
+        validated(extra)
+    assert str(e.value).startswith(flag) and "\n" not in str(e.value)
