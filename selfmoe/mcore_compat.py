@@ -4,6 +4,10 @@
 `ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`; 0.19 uses
 `functools.partial(MoELayer, submodules=MoESubmodules(...))`, and passes routers extra
 keyword arguments (`is_mtp_layer=`). Everything else in selfmoe uses the public API only.
+
+Below those, the patches for megatron-core 0.16.1's own MoE faults (issue 9), which apply on GPU
+as on CPU: statistics counted from the routed map (before capacity), the alltoall dispatcher with
+a capacity above the token count, and expert grads under EP=1 with ETP != TP.
 """
 
 from __future__ import annotations
