@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 ROUTER_TYPES = ("learned", "self", "random", "hash", "routing-free")
+# Routers with no score function: Megatron-Core's softmax options do not apply to them.
+NO_SOFTMAX_ROUTERS = ("random", "hash", "routing-free")
 
 
 @dataclass
@@ -55,7 +57,16 @@ class SelfMoEConfig(TransformerConfig):
     routing_free_expert_type: str = "aoe"  # "aoe" (reuses the gate's A_i) | "mlp" (Megatron's)
 
     def __post_init__(self):
-        super().__post_init__()
+        if self.moe_router_type in NO_SOFTMAX_ROUTERS and self.num_moe_experts and self.moe_router_topk == 1:
+            # TransformerConfig refuses top-1 without moe_router_pre_softmax (a softmax over one
+            # chosen logit has no gradient); these routers have no softmax, so it does not apply.
+            saved, self.moe_router_pre_softmax = self.moe_router_pre_softmax, True
+            try:
+                super().__post_init__()
+            finally:
+                self.moe_router_pre_softmax = saved
+        else:
+            super().__post_init__()
         validate_router_options(self)
 
 

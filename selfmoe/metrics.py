@@ -1,8 +1,12 @@
 """Routing metrics: counted in the MoE layers at every forward, reduced only at log time.
 
-A forward hook on each router adds its routing map into local count tensors (no communication);
-`RoutingStats.reduce()` all-reduces them once per log interval and turns them into numbers.
-Duplicate counting on tensor-parallel ranks scales every count alike, so fractions are exact.
+A forward hook on each router adds its routing decisions into local count tensors (no
+communication); `RoutingStats.reduce()` all-reduces them once per log interval and turns them into
+numbers. Duplicate counting on tensor-parallel ranks scales every count alike, so fractions are exact.
+
+What is counted is the routing actually decided: the map before capacity dropping and padding
+(a padded slot is not a routed token), padding tokens (the `padding_mask` the MoE layer hands the
+router, True = padding) excluded. Token-expert pairs dropped over capacity are counted separately.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import torch.distributed as dist
 from selfmoe.routers import moe_layers
 
 
-def routing_metrics(counts: torch.Tensor, k_hist: torch.Tensor) -> dict:
-    """Metrics from per-layer expert loads counts [L, E] and experts-per-token histograms [L, E+1].
+def routing_metrics(counts: torch.Tensor, k_hist: torch.Tensor, dropped: torch.Tensor | None = None) -> dict:
+    """Metrics from per-layer expert loads counts [L, E] (routed token-expert pairs, before capacity),
+    experts-per-token histograms [L, E+1] and dropped pairs [L, E] (over capacity; optional).
 
     Layers with no routed token (e.g. on another pipeline stage, before reduction) are skipped.
+    `dropped_fraction` = dropped pairs / routed pairs.
     """
     counts, k_hist = counts.double(), k_hist.double()
+    dropped = torch.zeros_like(counts) if dropped is None else dropped.double()
     L, E = counts.shape
     out: dict = {"layers": {}}
     for layer in range(L):
@@ -44,10 +51,12 @@ def routing_metrics(counts: torch.Tensor, k_hist: torch.Tensor) -> dict:
         m["experts_per_token_p50"] = int(torch.searchsorted(cdf, torch.tensor(0.5, dtype=torch.float64)))
         m["experts_per_token_p99"] = int(torch.searchsorted(cdf, torch.tensor(0.99, dtype=torch.float64)))
         m["density"] = m["experts_per_token"] / E
+        m["dropped"] = int(dropped[layer].sum())
+        m["dropped_fraction"] = float(dropped[layer].sum() / total) if total > 0 else 0.0
         out["layers"][layer + 1] = m
     if out["layers"]:
         for key in ("normalized_entropy", "cv", "max_overload", "dead_experts", "experts_per_token",
-                    "experts_per_token_p50", "experts_per_token_p99", "density"):
+                    "experts_per_token_p50", "experts_per_token_p99", "density", "dropped_fraction"):
             vals = [m[key] for m in out["layers"].values()]
             out[key] = sum(vals) / len(vals)
     return out
@@ -60,30 +69,49 @@ class RoutingStats:
         self.num_layers, self.num_experts = num_layers, num_experts
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.k_hist = torch.zeros(num_layers, num_experts + 1, dtype=torch.float64)
+        self.dropped = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.enabled = True
         self.layers = moe_layers(model)
-        self._handles = [layer.router.register_forward_hook(self._hook) for layer in self.layers]
+        self._handles = [layer.router.register_forward_hook(self._hook, with_kwargs=True) for layer in self.layers]
 
     @torch.no_grad()
-    def _hook(self, router, inputs, outputs):
+    def _hook(self, router, args, kwargs, outputs):
         if not self.enabled or router.layer_number is None:
             return
-        routing_map = outputs[1].reshape(-1, self.num_experts)
+        E = self.num_experts
+        routing_map = outputs[1].reshape(-1, E)
+        routed = routing_map
+        last = getattr(router, "last_routing", None)  # (before capacity, returned map), see mcore_compat
+        if last is not None and last[1] is outputs[1]:
+            routed = last[0].reshape(-1, E)
+        padding_mask = args[1] if len(args) > 1 else kwargs.get("padding_mask")
+        if padding_mask is not None:  # [s, b], True = padding token
+            valid = ~padding_mask.reshape(-1, 1).bool()
+            routed, routing_map = routed & valid, routing_map & valid
+            k = routed.sum(1)[valid.flatten()]
+        else:
+            k = routed.sum(1)
         i = router.layer_number - 1
-        self.counts[i] += routing_map.sum(0).to(self.counts)
-        self.k_hist[i] += torch.bincount(routing_map.sum(1), minlength=self.num_experts + 1).to(self.k_hist)
+        self.counts[i] += routed.sum(0).to(self.counts)
+        self.dropped[i] += (routed & ~routing_map).sum(0).to(self.dropped)
+        self.k_hist[i] += torch.bincount(k, minlength=E + 1).to(self.k_hist)
 
     def reset(self):
         self.counts.zero_()
         self.k_hist.zero_()
+        self.dropped.zero_()
 
     def reduce(self, group=None, reset: bool = True) -> dict:
         """All-reduce the counts (collective over `group`, default all ranks) and compute metrics."""
-        buf = torch.cat([self.counts.flatten(), self.k_hist.flatten()])
+        parts = (self.counts, self.k_hist, self.dropped)
+        buf = torch.cat([t.flatten() for t in parts])
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(buf, group=group)
-        n = self.counts.numel()
-        metrics = routing_metrics(buf[:n].view_as(self.counts), buf[n:].view_as(self.k_hist))
+        views, at = [], 0
+        for t in parts:
+            views.append(buf[at:at + t.numel()].view_as(t))
+            at += t.numel()
+        metrics = routing_metrics(*views)
         rf = [layer.router for layer in self.layers if getattr(layer.router, "is_routing_free", False)]
         if rf:
             metrics["lambda"] = float(rf[0].balance_coeff)

@@ -241,7 +241,7 @@ class Encoded:
     records: int = 0
     ids: list = field(default_factory=list)      # per key: all document ids back to back
     lengths: list = field(default_factory=list)  # per key: token count of each document
-    empty: list = field(default_factory=list)    # per key: documents dropped for having no tokens
+    empty: list = field(default_factory=list)    # per key: documents with no tokens
     bad: list = field(default_factory=list)      # (line, what) of records that failed
 
 
@@ -265,8 +265,10 @@ class Encoder:
                 continue
             out.records += 1
             for k, a in enumerate(arrays):
-                if len(a) == 0:  # empty document: skipped, as Megatron-LM does
+                if len(a) == 0:
                     out.empty[k] += 1
+                    if len(self.keys) > 1:  # written empty (no EOD), as Megatron-LM does: document i
+                        lengths[k].append(0)  # of every key stays the same record
                     continue
                 pieces[k].append(a)
                 if self.eod is not None:
@@ -348,7 +350,7 @@ class Stats:
     outputs: list              # output prefixes, one per key: {prefix}_{key}_document
     documents: list            # per key: documents written
     tokens: list               # per key: tokens written (EOD included)
-    empty: list                # per key: empty documents skipped
+    empty: list                # per key: empty documents (skipped; written empty with several keys)
     records: int = 0           # good input records
     bad: int = 0               # bad records skipped (--skip-bad-lines)
     first_bad: str = ""
@@ -478,7 +480,8 @@ def _rates(stats, seconds):
 
 def _report(stats, keys, log):
     for k, key in enumerate(keys):
-        empty = f", skipped {stats.empty[k]} empty" if stats.empty[k] else ""
+        kept = len(keys) > 1  # several keys: empty documents are written, keeping the keys aligned
+        empty = f", {'' if kept else 'skipped '}{stats.empty[k]} empty" if stats.empty[k] else ""
         print(f"wrote {stats.outputs[k]}.bin/.idx: {stats.documents[k]} documents, "
               f"{stats.tokens[k]:,} tokens ({key!r}{empty})", file=log)
     if stats.bad:

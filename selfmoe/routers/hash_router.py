@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from selfmoe.routers.base import FixedKRouter
+from selfmoe.routers.base import FixedKRouter, router_option
 
 
 def hash_table(num_keys: int, num_experts: int, k: int, seed: int) -> torch.Tensor:
@@ -23,9 +23,13 @@ class HashRouter(FixedKRouter):
 
     def __init__(self, config, pg_collection=None, **kwargs):
         super().__init__(config, pg_collection, **kwargs)
-        self.by = config.hash_router_by
-        num_keys = config.vocab_size if self.by == "token" else config.max_position_embeddings
-        table = hash_table(num_keys, self.num_experts, self.topk, config.hash_router_seed)
+        self.by = router_option(config, "hash_router_by")
+        key = "vocab_size" if self.by == "token" else "max_position_embeddings"
+        num_keys = getattr(config, key, 0) or 0
+        if num_keys <= 0:
+            raise ValueError(f"hash routing by {self.by} needs config.{key} (a plain TransformerConfig has none): "
+                             f"set it, or use selfmoe.config.SelfMoEConfig")
+        table = hash_table(num_keys, self.num_experts, self.topk, router_option(config, "hash_router_seed"))
         self.register_buffer("table", table, persistent=False)
         self._token_ids = None
 
@@ -38,7 +42,8 @@ class HashRouter(FixedKRouter):
         s_full, offset = self.sequence_slice(s_local)
         if self.by == "token":
             if self._token_ids is None:
-                raise RuntimeError("hash routing by token id: the model did not pass the token ids down")
+                raise RuntimeError("hash routing by token id: no token ids for this forward; call "
+                                   "router.set_token_ids(input_ids) first (selfmoe's GPT model does it)")
             keys = self._token_ids.t()[offset : offset + s_local]  # [s_local, b], Megatron's s-major order
         else:
             keys = torch.arange(offset, offset + s_local, device=input.device)[:, None].expand(s_local, b)

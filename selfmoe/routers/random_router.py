@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from selfmoe.routers.base import FixedKRouter
+from selfmoe.routers.base import FixedKRouter, router_option
 
 
 class RandomRouter(FixedKRouter):
     def __init__(self, config, pg_collection=None, **kwargs):
         super().__init__(config, pg_collection, **kwargs)
-        self.seed = int(config.random_router_seed)
+        self.seed = int(router_option(config, "random_router_seed"))
         self.register_buffer("forward_count", torch.zeros(1, dtype=torch.long))
 
     def forward(self, input: torch.Tensor, padding_mask=None):

@@ -10,6 +10,7 @@ import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
 from selfmoe import mcore_compat
+from selfmoe.routers.base import router_option
 
 
 def subspace_indices(spec, num_experts: int, hidden_size: int) -> list[int]:
@@ -35,11 +36,11 @@ class SelfRouter(TopKRouter):
         E, H = config.num_moe_experts, config.hidden_size
         if E > H:
             raise ValueError(f"self routing needs num_moe_experts ({E}) <= hidden_size ({H})")
-        ids = subspace_indices(config.self_routing_subspace, E, H)
+        ids = subspace_indices(router_option(config, "self_routing_subspace"), E, H)
         self._contiguous = ids == list(range(ids[0], ids[0] + E))
         self._start = ids[0]
         self.register_buffer("subspace", torch.tensor(ids, dtype=torch.long), persistent=False)
-        self.temperature = float(config.self_routing_temperature)
+        self.temperature = float(router_option(config, "self_routing_temperature"))
 
     def reset_parameters(self):
         pass  # nothing to initialise (called by Router.__init__ before the gate is removed)

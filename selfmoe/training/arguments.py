@@ -377,10 +377,10 @@ def _validate_optimizer_sharding(args) -> None:
             raise ArgumentError(f"--deepspeed-config {args.deepspeed_config}: ZeRO stage 3 with "
                                 "--expert-model-parallel-size > 1 is not supported (DeepSpeed shards experts under "
                                 "stage 3 only for its AutoEP layers); use stage 1 or 2")
-        etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
-        if etp != args.tensor_model_parallel_size:
-            raise ArgumentError("--deepspeed with --expert-model-parallel-size > 1 needs --expert-tensor-parallel-size "
-                                "equal to --tensor-model-parallel-size")
+    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    if args.num_experts and etp != args.tensor_model_parallel_size:
+        raise ArgumentError("--deepspeed with --num-experts needs --expert-tensor-parallel-size equal to "
+                            "--tensor-model-parallel-size (DeepSpeed reduces expert grads over its own groups)")
 
 
 def validate_args(args, world_size: int | None = None) -> None:
@@ -474,6 +474,11 @@ def validate_args(args, world_size: int | None = None) -> None:
                                 f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp}")
         if tp > 1 and not args.sequence_parallel:
             raise ArgumentError("--tensor-model-parallel-size > 1 with --num-experts needs --sequence-parallel")
+        if args.moe_router_type == "routing-free" and args.moe_expert_capacity_factor is not None:
+            raise ArgumentError("--moe-expert-capacity-factor is not supported with --moe-router-type routing-free "
+                                "(it fires 0..E experts per token; no capacity is applied)")
+        if args.moe_pad_expert_input_to_capacity and args.moe_expert_capacity_factor is None:
+            raise ArgumentError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
         megatron_experts = not (args.moe_router_type == "routing-free" and args.routing_free_expert_type == "aoe")
         if args.add_bias_linear and megatron_experts:
             # megatron-core 0.16's local (non-TransformerEngine) expert MLP adds the bias in place onto

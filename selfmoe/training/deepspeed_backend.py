@@ -89,6 +89,42 @@ def build(args, config, model_provider):
     return engine, optimizer
 
 
+def finalize_like_megatron(module, config) -> None:
+    """What megatron-core's finalize_model_grads does after the backward besides the gradient
+    reductions DeepSpeed owns: the aux-loss-free expert-bias update from the step's routed-token
+    counts, and the reset of the per-step MoE counters. (Per-token loss: both paths average per
+    micro-batch; the sequence-parallel layernorm grads are summed by `sum_sequence_parallel_grads`
+    hooks; the embedding grads need a reduction only under pipeline parallelism, refused here.)"""
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias,
+        reset_model_temporary_tensors,
+    )
+
+    if config.moe_router_enable_expert_bias:
+        _update_router_expert_bias([module], config)
+    reset_model_temporary_tensors(config, [module])
+
+
+def sum_sequence_parallel_grads(module) -> None:
+    """Megatron sums the gradients of parameters replicated across tensor-parallel ranks but fed
+    by a sequence shard (layernorms under --sequence-parallel) over the TP group in
+    finalize_model_grads; DeepSpeed does not know them. A gradient hook does the same sum before
+    DeepSpeed's own reduction sees the gradient. Idempotent."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    if parallel_state.get_tensor_model_parallel_world_size() == 1 or getattr(module, "_sp_grad_hooks", False):
+        return
+    for p in module.parameters():
+        if p.requires_grad and getattr(p, "sequence_parallel", False):
+            p.register_hook(lambda g: _all_reduced(g, group))
+    module._sp_grad_hooks = True
+
+
+def _all_reduced(grad, group):
+    grad = grad.clone()
+    dist.all_reduce(grad, group=group)
+    return grad
+
+
 def train_step(forward_step, data_iterator, engine, scheduler, args, config):
     """One global batch: forward/backward per micro-batch, DeepSpeed steps at the boundary.
 
@@ -96,6 +132,7 @@ def train_step(forward_step, data_iterator, engine, scheduler, args, config):
     reported (skipped=False, loss NaN) and the loop's consecutive-NaN rule stops the run.
     """
     nmb = get_num_microbatches()
+    sum_sequence_parallel_grads(engine.module)
     # engine.backward divides the loss by the accumulation steps; aux losses get the same scale
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / nmb))
     stats = torch.zeros(2, dtype=torch.float64)
@@ -109,6 +146,7 @@ def train_step(forward_step, data_iterator, engine, scheduler, args, config):
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
     loss = float(stats[0] / stats[1].clamp(min=1))
     scheduler.step(increment=args.global_batch_size)
+    finalize_like_megatron(engine.module, config)
     if config.num_moe_experts and config.moe_router_type == "routing-free":
         from selfmoe.routers.routing_free import update_balance_coefficient
 

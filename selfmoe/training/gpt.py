@@ -132,11 +132,35 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
+def padding_mask(loss_mask: torch.Tensor, model):
+    """[b, s] bool, True where the loss ignores the token (padding of a short sample, and EOD under
+    --eod-mask-loss), or None when nothing is masked. GPTModel hands it to the MoE routers so that
+    no routing statistic (aux loss, expert-bias counts, Routing-Free density, metrics) counts them.
+    GPTModel splits it over sequence-parallel ranks on the first pipeline stage only; later
+    stages get their share here."""
+    mask = loss_mask == 0
+    if not bool(mask.any()):
+        return None
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    if inner.config.sequence_parallel and not getattr(inner, "pre_process", True):
+        from megatron.core import tensor_parallel
+
+        mask = tensor_parallel.scatter_to_sequence_parallel_region(mask.t().contiguous()).t().contiguous()
+    return mask
+
+
 def forward_step(data_iterator, model):
     """One micro-batch through GPTModel: causal attention from the layer spec, or, with
     --reset-attention-mask, the dataset's document-level causal mask ([b, 1, s, s], True = masked)."""
     batch = next(data_iterator)
     if torch.cuda.is_available():
         batch = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    kwargs = {}
+    pad = padding_mask(batch["loss_mask"], model) if batch["loss_mask"].numel() else None
+    if pad is not None:
+        kwargs["padding_mask"] = pad
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                   **kwargs)
     return output, partial(loss_func, batch["loss_mask"])

@@ -118,6 +118,8 @@ class TrainingLogger:
             parts.append(f"routing entropy {routing['normalized_entropy']:.3f}")
             if "lambda" in routing:
                 parts.append(f"density {routing['density']:.3f} lambda {routing['lambda']:.2E}")
+            if routing.get("dropped_fraction"):  # token-expert pairs over capacity, of those routed
+                parts.append(f"dropped {100 * routing['dropped_fraction']:.1f}%")
         if self.iv_skipped:
             parts.append(f"skipped {self.iv_skipped} (NaN/Inf)")
         print_rank_last(" | ".join(parts))
@@ -125,7 +127,8 @@ class TrainingLogger:
 
     def log_routing(self, m: dict, iteration: int):
         self.last_routing = m
-        for key in ("normalized_entropy", "max_overload", "experts_per_token", "cv", "dead_experts"):
+        for key in ("normalized_entropy", "max_overload", "experts_per_token", "cv", "dead_experts",
+                    "dropped_fraction"):
             self.scalar(f"routing/{key}", m.get(key), iteration)
         for layer, lm in m.get("layers", {}).items():
             self.scalar(f"routing/normalized_entropy/layer_{layer}", lm["normalized_entropy"], iteration)

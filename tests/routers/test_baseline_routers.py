@@ -94,5 +94,5 @@ def test_hash_by_position(mp):
 
 def test_hash_without_ids_is_a_clear_error(mp):
     r = HashRouter(tiny_config("hash"))
-    with pytest.raises(RuntimeError, match="did not pass the token ids"):
+    with pytest.raises(RuntimeError, match="no token ids for this forward; call router.set_token_ids"):
         r(torch.randn(4, 1, 32))
