@@ -44,12 +44,15 @@ class _ForwardStats:
 
     def __init__(self):
         self.count = None  # [T] fired (layer, expert) pairs per token, summed over layers
+        self.p_sum = None  # [T] sum of P over the layers' experts (padding: 0), no gradient
         self.layers = 0
         self.fired = 0.0   # fired / seen valid pairs, for the per-micro-batch lambda update
         self.pairs = 0.0
 
-    def add(self, count, fired, pairs):
+    def add(self, count, p_sum, fired, pairs, valid):
+        self.valid = valid  # [T] 1 = not padding
         self.count = count if self.count is None else self.count + count
+        self.p_sum = p_sum if self.p_sum is None else self.p_sum + p_sum
         self.layers += 1
         self.fired += fired
         self.pairs += pairs
@@ -186,7 +189,7 @@ class RoutingFreeRouter(MegatronModule):
             if chunk.current is None or self is chunk.routers[0]:
                 chunk.current = _ForwardStats()
             fs = chunk.current
-            fs.add(fired.sum(1), float(local[:-1].sum()), float(local[-1]) * fired.shape[1])
+            fs.add(fired.sum(1), (probs * valid[:, None]).sum(1), float(local[:-1].sum()), float(local[-1]) * fired.shape[1], valid)
         coeff = float(self.balance_coeff)  # the lambda of this forward (a later update must not leak in)
         scale = float(local[-1]) if self.config.calculate_per_token_loss else 1.0
         out = _BalanceLoss.apply(probs, fire_rate, valid, total_tokens, fs, self, coeff, scale)
@@ -276,11 +279,15 @@ class AoEExperts(MegatronModule):
             raise RuntimeError("AoEExperts need the Routing-Free router's gates (attach_gate)")
         splits = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
         outs = []
+        # unbind, not [j]: indexing a parameter per expert costs a zero-filled full-size gradient
+        # per expert in backward (E^2 memory traffic); unbind's backward is one stack.
+        gate = self._router.gate_proj.unbind(0)
+        ups, gate_ups, downs = self.up_proj.unbind(0), self.gate_up.unbind(0), self.down_proj.unbind(0)
         # Every local expert runs, even on 0 tokens: ZeRO and DDP expect grads for all of them.
         for j, (x, p) in enumerate(zip(torch.split(hidden, splits), torch.split(probs, splits))):
-            a = self._router.gate_proj[self._local_ids[j]].to(x.dtype)
-            h = self.activation_func(x @ a @ self.gate_up[j]) * (x @ self.up_proj[j].t())
-            outs.append((h * p.unsqueeze(-1).to(h.dtype)) @ self.down_proj[j].t())
+            a = gate[self._local_ids[j]].to(x.dtype)
+            h = self.activation_func(x @ a @ gate_ups[j]) * (x @ ups[j].t())
+            outs.append((h * p.unsqueeze(-1).to(h.dtype)) @ downs[j].t())
         return torch.cat(outs, dim=0), None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -316,6 +323,13 @@ def prepare_layers(model) -> None:
                     key=lambda r: r.layer_number or 0)
         if rs:
             link_routers(rs, num_moe_layers(rs[0].config))
+            if rs[0].config.pipeline_model_parallel_size > 1 and not getattr(prepare_layers, "_noted", False):
+                prepare_layers._noted = True
+                if not dist.is_initialized() or dist.get_rank() == 0:
+                    print("routing-free: pipeline parallel: the balance loss's token term uses each stage's own "
+                          "per-token fire fraction (a per-stage approximation of the authors' one loss over all "
+                          "layers; exact at pipeline size 1); its difference from the exact value is measured "
+                          "and printed after the first step", flush=True)
     for layer in moe_layers(model):
         if isinstance(layer.experts, AoEExperts):
             layer.experts.attach_gate(layer.router, layer.local_expert_indices)
@@ -333,6 +347,43 @@ def _variable_k_preprocess(dispatcher, original):
         return out
 
     return preprocess
+
+
+_pp_gap_reported = False
+
+
+def token_balance_gap(model, group=None):
+    """(exact, per-stage) L_TB of the last training micro-batch, when the model's MoE layers are
+    split over pipeline stages (each a chunk of `model` here, or ranks of `group`).
+
+    Each stage's backward can only see its own layers' firing, so there the token fire fraction m_t
+    is the stage's own (count over its n_s layers / (n_s E)) instead of over all L layers:
+        exact     = mean_t (sum_s c_ts / (L E)) (sum_s S_ts / (L E))
+        per-stage = mean_t  sum_s (c_ts / (n_s E)) (S_ts / (L E))
+    with c_ts the fired pairs and S_ts the summed P of token t on stage s. Collective over `group`
+    (the pipeline group) and the tensor/context-parallel group; every rank gets the same numbers.
+    """
+    chunks = {id(r.chunk): r.chunk for r in routing_free_routers(model)}.values()
+    fss = [(c, c.current) for c in chunks if c.current is not None and c.current.count is not None]
+    if not fss:
+        return None
+    c0 = fss[0][0]
+    L, E = c0.num_layers, c0.routers[0].num_experts
+    count = sum(fs.count for _, fs in fss).double()
+    p_sum = sum(fs.p_sum for _, fs in fss).double()
+    approx = sum((fs.count / (fs.layers * E)) * (fs.p_sum / (L * E)) for _, fs in fss).double()
+    vec = torch.cat([count, p_sum, approx])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(vec, group=group)
+    T = count.numel()
+    count, p_sum, approx = vec[:T], vec[T:2 * T], vec[2 * T:]
+    valid_tokens = fss[0][1].valid.sum().double().reshape(1)
+    sums = torch.stack([(count / (L * E) * p_sum / (L * E)).sum(), approx.sum()])
+    tp = c0.routers[0].tp_cp_group
+    out = torch.cat([sums, valid_tokens])
+    if tp.size() > 1:
+        dist.all_reduce(out, group=tp)
+    return float(out[0] / out[2]), float(out[1] / out[2])
 
 
 def routing_free_routers(model) -> list[RoutingFreeRouter]:
@@ -373,6 +424,17 @@ def update_balance_coefficient(model, group=None):
         lam = next_lambda(lam, float(stats[0] / stats[1]), cfg)
     for r in routers:
         r.balance_coeff.fill_(lam)
+    global _pp_gap_reported
+    if cfg.pipeline_model_parallel_size > 1 and not _pp_gap_reported:
+        from megatron.core import parallel_state
+
+        gap = token_balance_gap(model, parallel_state.get_pipeline_model_parallel_group())
+        _pp_gap_reported = True
+        if gap is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            exact, approx = gap
+            print(f"routing-free: pipeline-parallel per-stage L_TB, measured on the first step's last micro-batch: "
+                  f"exact {exact:.6g}, per-stage {approx:.6g} ({100 * (approx - exact) / max(exact, 1e-30):+.2f}%; "
+                  f"it enters the loss with weight 1 - mu = {1 - cfg.routing_free_mu:g})", flush=True)
     if stats[1] == 0:
         return None, lam
     return float(stats[0] / stats[1]), lam

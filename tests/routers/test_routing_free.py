@@ -8,7 +8,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from selfmoe.models import build_gpt_model, moe_layers
 from megatron.core.transformer.moe import moe_utils
 from selfmoe.routers.routing_free import (RoutingFreeRouter, link_routers, next_lambda, routing_free_routers,
-                                          set_theta, update_balance_coefficient)
+                                          set_theta, token_balance_gap, update_balance_coefficient)
 
 
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
@@ -121,6 +121,33 @@ def test_balance_loss_matches_reference(mp, n_layers, mu):
     for g, w in zip(got, want):
         assert (g - w).abs().max() < 1e-6, (g - w).abs().max()
     assert all(g.abs().sum() > 0 for g in got)
+
+
+def test_pipeline_stages_use_their_own_fire_fraction_and_the_gap_is_measured(mp):
+    """Layers split over 2 stages (layer 1 | layers 2, 3): L_EB stays exact, L_TB's token fire
+    fraction is each stage's own (documented approximation); token_balance_gap measures both."""
+    cfg = tiny_config("routing-free", routing_free_lambda0=1.0, num_layers=3)
+    rs = linked_routers(cfg, 3)
+    link_routers(rs[:1], 3)
+    link_routers(rs[1:], 3)
+    x = torch.randn(24, 1, cfg.hidden_size)
+    x[0] = 0.0
+    rf_balance_loss(rs, layer_inputs(x, 3))
+    got = [p.grad.clone() for r in rs for p in r.parameters()]
+    exact, approx = token_balance_gap(rs)
+
+    Gs = [r.gates(xi.reshape(24, -1)) for r, xi in zip(rs, layer_inputs(x, 3))]
+    Ps = [g * (g >= r.theta) for g, r in zip(Gs, rs)]
+    P = torch.cat(Ps, 1)
+    m = [(p > 0).float() for p in Ps]
+    l_eb = ((P > 0).float().mean(0) * P.mean(0)).mean()
+    stage_tb = (m[0].mean(1) * Ps[0].sum(1) + torch.cat(m[1:], 1).mean(1) * torch.cat(Ps[1:], 1).sum(1)) / P.shape[1]
+    want = torch.autograd.grad(0.5 * l_eb + 0.5 * stage_tb.mean(), [p for r in rs for p in r.parameters()])
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-6
+    exact_tb = ((P > 0).float().mean(1) * P.mean(1)).mean()
+    assert abs(exact - float(exact_tb)) < 1e-6 and abs(approx - float(stage_tb.mean())) < 1e-6
+    assert abs(exact - approx) > 1e-4
 
 
 def test_balance_loss_three_layers_is_not_a_sum_of_per_layer_losses(mp):
@@ -323,3 +350,70 @@ def test_theta_is_an_inference_knob(mp):
     set_theta(model, 2.5)
     n_hi = r(x)[1].sum()
     assert n_hi < n_lo
+
+
+def _parallel_worker(rank, world, port, tmp):
+    """Balance-loss gradients of every gate parameter (3 layers, lambda = 1, LM loss x 0) and the
+    loss value under EP=2 (both dispatchers) and TP=2+SP, against the 1-rank model."""
+    import json
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    def run(tp, ep, dispatcher):
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+        torch.manual_seed(1234)
+        cfg = tiny_config("routing-free", num_layers=3, routing_free_lambda0=1.0, tensor_model_parallel_size=tp,
+                          expert_model_parallel_size=ep, sequence_parallel=tp > 1, moe_token_dispatcher_type=dispatcher)
+        model = build_gpt_model(cfg)
+        ckpt = os.path.join(tmp, "ref")
+        if tp == ep == 1:  # the 1-way model (each rank holds all of it) is the reference
+            dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+        ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+        moe_utils.get_moe_layer_wise_logging_tracker().pop("routing_free_balance_loss", None)
+        (model(ids, torch.arange(16)[None].expand(3, 16), None, labels=ids).sum() * 0).backward()
+        moe_utils.reduce_aux_losses_tracker_across_ranks(["routing_free_balance_loss"])
+        value = float(moe_utils.get_moe_layer_wise_logging_tracker()["routing_free_balance_loss"]["values"].sum()) / 3
+        grads = []
+        for r in routing_free_routers(model):
+            for p in (r.gate_proj, r.gate_scale, r.gate_bias):
+                g = p.grad.clone()
+                if tp > 1:  # sequence-parallel params: each TP rank holds its tokens' share
+                    dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+                grads.append(g)
+        return value, grads
+
+    os.makedirs(os.path.join(tmp, "ref"), exist_ok=True)
+    ref_value, ref_grads = run(1, 1, "allgather")
+    out = {}
+    for name, tp, ep, dispatcher in (("ep2-allgather", 1, 2, "allgather"), ("ep2-alltoall", 1, 2, "alltoall"),
+                                     ("tp2-sp", 2, 1, "allgather")):
+        value, grads = run(tp, ep, dispatcher)
+        out[name] = [abs(value - ref_value), max(float((g - w).abs().max()) for g, w in zip(grads, ref_grads)),
+                     max(float(w.abs().max()) for w in ref_grads)]
+    ps.destroy_model_parallel()
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_balance_loss_is_exact_under_ep2_and_tp2_sp(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp_
+    from conftest import free_port
+
+    mp_.spawn(_parallel_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(res) == 3
+        for name, (dv, dg, gmax) in res.items():
+            assert dv < 1e-6 and dg < 1e-6 and gmax > 1e-3, (rank, name, dv, dg, gmax)
