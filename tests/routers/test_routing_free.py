@@ -354,7 +354,7 @@ def test_theta_is_an_inference_knob(mp):
 
 def _parallel_worker(rank, world, port, tmp):
     """Balance-loss gradients of every gate parameter (3 layers, lambda = 1, LM loss x 0) and the
-    loss value under EP=2 (both dispatchers) and TP=2+SP, against the 1-rank model."""
+    loss value under EP=2 and TP=2+SP, against the 1-rank model; both ranks feed the same batch."""
     import json
     import os
 
@@ -387,14 +387,17 @@ def _parallel_worker(rank, world, port, tmp):
                 g = p.grad.clone()
                 if tp > 1:  # sequence-parallel params: each TP rank holds its tokens' share
                     dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+                # as DDP does: the mean over data-parallel ranks (under EP, A_i's gradient through
+                # the AoE expert i accrues on the rank that holds expert i)
+                dist.all_reduce(g, group=ps.get_data_parallel_group())
+                g /= ps.get_data_parallel_world_size()
                 grads.append(g)
         return value, grads
 
     os.makedirs(os.path.join(tmp, "ref"), exist_ok=True)
     ref_value, ref_grads = run(1, 1, "allgather")
     out = {}
-    for name, tp, ep, dispatcher in (("ep2-allgather", 1, 2, "allgather"), ("ep2-alltoall", 1, 2, "alltoall"),
-                                     ("tp2-sp", 2, 1, "allgather")):
+    for name, tp, ep, dispatcher in (("ep2-alltoall", 1, 2, "alltoall"), ("tp2-sp", 2, 1, "allgather")):
         value, grads = run(tp, ep, dispatcher)
         out[name] = [abs(value - ref_value), max(float((g - w).abs().max()) for g, w in zip(grads, ref_grads)),
                      max(float(w.abs().max()) for w in ref_grads)]
@@ -414,6 +417,6 @@ def test_balance_loss_is_exact_under_ep2_and_tp2_sp(tmp_path):
     mp_.spawn(_parallel_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(res) == 3
+        assert len(res) == 2
         for name, (dv, dg, gmax) in res.items():
             assert dv < 1e-6 and dg < 1e-6 and gmax > 1e-3, (rank, name, dv, dg, gmax)
