@@ -98,7 +98,7 @@ class _BalanceLoss(torch.autograd.Function):
                                        r.config.num_layers, reduce_group=r.tp_cp_group)
         scale = MoEAuxLossAutoScaler.main_loss_backward_scale
         scale = 1.0 if scale is None else scale.to(grad.device)
-        return grad + d * (ctx.coeff * ctx.scale * scale), None, None, None, None, None, None, None
+        return grad + d * (ctx.coeff.to(d.dtype) * ctx.scale * scale), None, None, None, None, None, None, None
 
 
 class RoutingFreeRouter(MegatronModule):
@@ -193,9 +193,9 @@ class RoutingFreeRouter(MegatronModule):
             if chunk.current is None or self is chunk.routers[0]:
                 chunk.current = _ForwardStats()
             fs = chunk.current
-            fs.add(fired.sum(1), (probs * valid[:, None]).sum(1), float(local[:-1].sum()), float(local[-1]) * fired.shape[1], valid)
-        coeff = float(self.balance_coeff)  # the lambda of this forward (a later update must not leak in)
-        scale = float(local[-1]) if self.config.calculate_per_token_loss else 1.0
+            fs.add(fired.sum(1), (probs * valid[:, None]).sum(1), local[:-1].sum(), local[-1] * fired.shape[1], valid)
+        coeff = self.balance_coeff.clone()  # the lambda of this forward (a later update must not leak in)
+        scale = local[-1].to(probs.dtype) if self.config.calculate_per_token_loss else 1.0
         out = _BalanceLoss.apply(probs, fire_rate, valid, total_tokens, fs, self, coeff, scale)
         if self is chunk.routers[-1] and getattr(self.config, "routing_free_lambda_update", "step") == "micro-batch":
             _micro_batch_update(chunk, fs)
@@ -228,7 +228,7 @@ def _micro_batch_update(chunk, fs) -> None:
     """The reference's timing: after this micro-batch's loss used the old lambda, step lambda from
     this micro-batch's density (all MoE layers, this data-parallel replica's tokens)."""
     r0 = chunk.routers[0]
-    stats = torch.tensor([fs.fired, fs.pairs], dtype=torch.float64)
+    stats = torch.stack([fs.fired, fs.pairs]).double()
     if r0.tp_cp_group.size() > 1:
         dist.all_reduce(stats, group=r0.tp_cp_group)
     if stats[1] == 0:
