@@ -303,7 +303,8 @@ class AoEExperts(MegatronModule):
             if xa_j is None:
                 xa_j = x @ gate[self._local_ids[j]].to(x.dtype)
             h = self.activation_func(xa_j.to(x.dtype) @ gate_ups[j]) * (x @ ups[j].t())
-            outs.append((h * p.unsqueeze(-1).to(h.dtype)) @ downs[j].t())
+            # G scales the expert's output; applied after W_down (H wide, not F wide; same by linearity)
+            outs.append((h @ downs[j].t()) * p.unsqueeze(-1).to(h.dtype))
         return torch.cat(outs, dim=0), None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
