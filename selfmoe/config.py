@@ -18,6 +18,19 @@ ROUTER_TYPES = ("learned", "self", "random", "hash", "routing-free")
 # Routers with no score function: Megatron-Core's softmax options do not apply to them.
 NO_SOFTMAX_ROUTERS = ("random", "hash", "routing-free")
 
+# `--routing-free-preset NAME`: parser defaults (explicit flags win). "reference" = the authors'
+# 120M recipe (RoutingFreeMoE@9cce561: pretrain.sh, 120M.config.json, init.py; see
+# ../shared/research/routing-free-reference.md). lambda0 = 1e-5 is what its saved buffer carries.
+ROUTING_FREE_PRESETS = {
+    "reference": dict(
+        moe_router_type="routing-free", num_experts=12, moe_ffn_hidden_size=128, routing_free_rank=16,
+        routing_free_theta=0.2, routing_free_density_target=0.25, routing_free_eta=0.2,
+        routing_free_lambda_rule="quadratic", routing_free_lambda_update="micro-batch", routing_free_mu=0.5,
+        routing_free_lambda0=1e-5, routing_free_scale_init=1.0, routing_free_bias_init=1e-6,
+        routing_free_expert_type="aoe", swiglu=True, init_method_std=0.02,
+    ),
+}
+
 
 @dataclass
 class SelfMoEConfig(TransformerConfig):
@@ -55,6 +68,11 @@ class SelfMoEConfig(TransformerConfig):
     # whatever the width (with s=1 a narrow model would start with no expert firing).
     routing_free_scale_init: Optional[float] = None
     routing_free_expert_type: str = "aoe"  # "aoe" (reuses the gate's A_i) | "mlp" (Megatron's)
+    # lambda step: "sign" lambda*(1+eta)^sign(rho-rho*) | "quadratic" (the authors' code)
+    # lambda*(1+eta*(rho-rho*)^2)^sign(rho-rho*); when: "step" (once per optimizer step, density
+    # over the step and all ranks) | "micro-batch" (after every micro-batch, as the authors' code)
+    routing_free_lambda_rule: str = "sign"
+    routing_free_lambda_update: str = "step"
 
     def __post_init__(self):
         if self.moe_router_type in NO_SOFTMAX_ROUTERS and self.num_moe_experts and self.moe_router_topk == 1:
@@ -109,6 +127,14 @@ def validate_router_options(c: SelfMoEConfig) -> None:
             raise ValueError("routing_free_rank must be > 0")
         if c.routing_free_expert_type not in ("aoe", "mlp"):
             raise ValueError(f"routing_free_expert_type must be 'aoe' or 'mlp', got {c.routing_free_expert_type!r}")
+        if c.routing_free_lambda_rule not in ("sign", "quadratic"):
+            raise ValueError(f"routing_free_lambda_rule must be 'sign' or 'quadratic', got {c.routing_free_lambda_rule!r}")
+        if c.routing_free_lambda_update not in ("step", "micro-batch"):
+            raise ValueError("routing_free_lambda_update must be 'step' or 'micro-batch', "
+                             f"got {c.routing_free_lambda_update!r}")
+        if c.routing_free_lambda_update == "micro-batch" and c.pipeline_model_parallel_size > 1:
+            raise ValueError("routing_free_lambda_update 'micro-batch' needs pipeline_model_parallel_size 1 "
+                             "(a micro-batch's density spans all stages); use 'step'")
 
 
 # GPT-2 style and Mixtral style presets: the fields that differ between the two families.

@@ -1,14 +1,20 @@
 """Routing-Free MoE (Liu et al. 2026): every expert scores itself and fires above a threshold.
 
 - gate of expert i: G_i(x) = ReLU(s_i * ||x A_i||_2 - b_i) with A_i [H, r]; fires when G_i >= theta.
-- routing_map = fired, probs = G * fired: 0..E experts per token, through Megatron's dispatchers.
-- balance loss L = mu * L_EB + (1 - mu) * L_TB (product of means over experts / tokens), added
-  with a coefficient lambda that follows the GLOBAL density of all MoE layers:
-  lambda <- min(1, lambda * (1 + eta) ** sign(rho - rho_target)), see `update_balance_coefficient`.
+- routing_map = fired, probs P = G * fired: 0..E experts per token, through Megatron's dispatchers.
+- ONE balance loss over all MoE layers, on the [tokens, L*E] matrix of every layer's P (the
+  authors' code, RoutingFreeMoE@9cce561 `balancing_loss_func`; README "Routing-Free MoE"):
+      L_EB = mean_{l,e}( mean_t m[t,l,e] * mean_t P[t,l,e] )
+      L_TB = mean_t( mean_{l,e} m[t,l,e] * mean_{l,e} P[t,l,e] )      m = fired (no gradient)
+      loss = lambda * (mu * L_EB + (1 - mu) * L_TB)
+  added with a coefficient lambda that follows the GLOBAL density of all MoE layers
+  (`update_balance_coefficient`; rule "sign" or the reference's "quadratic").
 - AoE experts: E_i(x) = (act(x A_i B_i) * (x W_up,i)) W_down,i reuse the gate's A_i.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -20,17 +26,79 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_t
 from selfmoe import mcore_compat
 
 
-def balance_losses(fired: torch.Tensor, gates: torch.Tensor, total_tokens, expert_fire_rate: torch.Tensor):
-    """(L_EB, L_TB) for this rank's tokens, normalised by the total token count of the group.
+def num_moe_layers(config) -> int:
+    """MoE layers of the whole model (all pipeline stages), from Megatron's `moe_layer_freq`."""
+    freq = getattr(config, "moe_layer_freq", 1)
+    if isinstance(freq, int):
+        return sum(1 for i in range(config.num_layers) if i % freq == 0)
+    return int(sum(freq))
 
-    fired [T, E] (0/1), gates [T, E] (differentiable); expert_fire_rate [E] = mean_x f_i over the
-    whole group (no gradient). Summing the returned values over the ranks that split the tokens
-    gives the losses of the whole batch, which is how Megatron all-reduces router gradients.
+
+class _ForwardStats:
+    """Per-token fire counts of one forward pass, filled by every Routing-Free layer of one model
+    chunk in turn; read in the backward pass, when every layer has added its count.
+
+    A fresh object per forward pass (the chunk's first Routing-Free layer makes it), so the
+    micro-batches a pipeline schedule keeps in flight do not mix.
     """
-    E = fired.shape[1]
-    l_eb = (expert_fire_rate * gates.sum(0)).sum() / (E * total_tokens)
-    l_tb = (fired.mean(1) * gates.mean(1)).sum() / total_tokens
-    return l_eb, l_tb
+
+    def __init__(self):
+        self.count = None  # [T] fired (layer, expert) pairs per token, summed over layers
+        self.p_sum = None  # [T] sum of P over the layers' experts (padding: 0), no gradient
+        self.layers = 0
+        self.fired = 0.0   # fired / seen valid pairs, for the per-micro-batch lambda update
+        self.pairs = 0.0
+
+    def add(self, count, p_sum, fired, pairs, valid):
+        self.valid = valid  # [T] 1 = not padding
+        self.count = count if self.count is None else self.count + count
+        self.p_sum = p_sum if self.p_sum is None else self.p_sum + p_sum
+        self.layers += 1
+        self.fired += fired
+        self.pairs += pairs
+
+
+class _Chunk:
+    """What the Routing-Free layers of one model chunk share (set by `link_routers`)."""
+
+    def __init__(self, routers, num_layers):
+        self.routers = routers
+        self.num_layers = num_layers  # L of the loss: MoE layers of the whole model
+        self.current = None
+
+
+class _BalanceLoss(torch.autograd.Function):
+    """Identity on P [T, E]; its backward adds lambda * d(mu L_EB + (1-mu) L_TB)/dP.
+
+    The loss is linear in P once the (non-differentiable) fire fractions are known:
+        dL/dP[t,l,e] = mu * fire_rate[l,e] / (L E T) + (1 - mu) * m_t / (L E T),
+    with m_t = token t's fire fraction over the L*E (layer, expert) columns. m_t needs the later
+    layers' firing, so it is read from `stats` at backward time, when every layer has run.
+    """
+
+    @staticmethod
+    def forward(ctx, probs, fire_rate, valid, total_tokens, stats, router, coeff, scale):
+        ctx.save_for_backward(probs.detach(), fire_rate, valid, total_tokens)
+        ctx.stats, ctx.router, ctx.coeff, ctx.scale = stats, router, coeff, scale
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, fire_rate, valid, T = ctx.saved_tensors
+        r = ctx.router
+        E, L = probs.shape[1], r.chunk.num_layers
+        # exact when this chunk holds every MoE layer (pipeline size 1); per stage otherwise
+        m = ctx.stats.count / (ctx.stats.layers * E)
+        d_eb = r.mu * fire_rate / (L * E * T)                       # [E]
+        d_tb = (1.0 - r.mu) * m * valid / (L * E * T)                # [T]
+        d = (d_eb[None, :] * valid[:, None] + d_tb[:, None]).to(grad.dtype)
+        with torch.no_grad():  # this layer's share of the one loss, for logging
+            share = (d * probs).sum()
+            save_to_aux_losses_tracker("routing_free_balance_loss", (share * L).reshape(()), r.layer_number,
+                                       r.config.num_layers, reduce_group=r.tp_cp_group)
+        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+        scale = 1.0 if scale is None else scale.to(grad.device)
+        return grad + d * (ctx.coeff.to(d.dtype) * ctx.scale * scale), None, None, None, None, None, None, None
 
 
 class RoutingFreeRouter(MegatronModule):
@@ -63,6 +131,10 @@ class RoutingFreeRouter(MegatronModule):
         # Fired / seen (token, expert) pairs since the last lambda update; no synchronisation per step.
         self.register_buffer("fired_count", torch.zeros(1, dtype=torch.float64), persistent=False)
         self.register_buffer("pair_count", torch.zeros(1, dtype=torch.float64), persistent=False)
+        # Alone until `link_routers` joins the layers of a model into one loss.
+        object.__setattr__(self, "chunk", _Chunk([self], 1))
+        self.keep_projection = False
+        self.last_projection = (None, None)
 
     def set_layer_number(self, layer_number: int):
         self.layer_number = layer_number
@@ -76,45 +148,94 @@ class RoutingFreeRouter(MegatronModule):
             getattr(self, n).data = v.to(getattr(self, n).device)
         return self
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """G [T, E] for tokens x [T, H]."""
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x A for all experts at once: [T, H] -> [T, E*r] (one GEMM), in the gate's dtype."""
         E, H, r = self.gate_proj.shape
-        # one [T, H] x [H, E*r] GEMM for all experts' low-rank projections
-        z = (x.float() @ self.gate_proj.float().permute(1, 0, 2).reshape(H, E * r)).view(-1, E, r)
-        return torch.relu(self.gate_scale * torch.linalg.vector_norm(z, dim=-1) - self.gate_bias)
+        return x.to(self.gate_proj.dtype) @ self.gate_proj.permute(1, 0, 2).reshape(H, E * r)
+
+    def gates(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """G [T, E] (float32) for tokens x [T, H]; `z` = `project(x)` if already computed."""
+        E, H, r = self.gate_proj.shape
+        z = self.project(x) if z is None else z
+        norm = torch.linalg.vector_norm(z.view(-1, E, r), dim=-1, dtype=torch.float32)
+        return torch.relu(self.gate_scale * norm - self.gate_bias)
 
     def forward(self, input: torch.Tensor, padding_mask=None):
+        """input [s, b, H]; padding_mask [s, b] bool, True = padding (Megatron-Core's router
+        convention): padding tokens are routed but count in neither the loss nor the density."""
         x = input.reshape(-1, input.shape[-1])
-        gates = self.gates(x)
+        z = self.project(x)
+        gates = self.gates(x, z)
         routing_map = gates >= self.theta
         fired = routing_map.to(gates.dtype)
         probs = gates * fired
+        if self.keep_projection:  # for AoE experts that reuse x A (see AoEExperts.forward)
+            object.__setattr__(self, "last_projection", (z, routing_map))
         if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                self.fired_count += fired.sum()
-                self.pair_count += fired.numel()
-            probs = self._attach_balance_loss(probs, fired, gates)
+            valid = (torch.ones_like(gates[:, 0]) if padding_mask is None
+                     else (~padding_mask.reshape(-1).bool()).to(gates.dtype))
+            probs = self._attach_balance_loss(probs, fired * valid[:, None], valid)
         return probs, routing_map
 
-    def _attach_balance_loss(self, probs, fired, gates):
+    def _attach_balance_loss(self, probs, fired, valid):
+        """fired [T, E]: fired AND not padding (0/1); valid [T]: 1 = not padding."""
         with torch.no_grad():
-            stats = torch.cat([fired.sum(0), fired.new_tensor([fired.shape[0]])])
+            local = torch.cat([fired.sum(0), valid.sum().reshape(1)]).double()
+            self.fired_count += local[:-1].sum()
+            self.pair_count += local[-1] * fired.shape[1]
+            stats = local.to(probs.dtype)
             if self.tp_cp_group.size() > 1:
+                stats = stats.clone()
                 dist.all_reduce(stats, group=self.tp_cp_group)
-            total_tokens = stats[-1]
-            expert_fire_rate = stats[:-1] / total_tokens
-        l_eb, l_tb = balance_losses(fired, gates, total_tokens, expert_fire_rate)
-        loss = self.mu * l_eb + (1.0 - self.mu) * l_tb
-        coeff = self.balance_coeff.to(loss.dtype)
-        if self.config.calculate_per_token_loss:
-            loss_for_grad = coeff * loss * fired.shape[0]
-        else:
-            loss_for_grad = coeff * loss
-        save_to_aux_losses_tracker(
-            "routing_free_balance_loss", loss.detach().reshape(()), self.layer_number,
-            self.config.num_layers, reduce_group=self.tp_cp_group,
-        )
-        return MoEAuxLossAutoScaler.apply(probs, loss_for_grad.reshape(()))
+            total_tokens = stats[-1].clamp(min=1)
+            fire_rate = stats[:-1] / total_tokens
+            chunk = self.chunk
+            if chunk.current is None or self is chunk.routers[0]:
+                chunk.current = _ForwardStats()
+            fs = chunk.current
+            fs.add(fired.sum(1), (probs * valid[:, None]).sum(1), local[:-1].sum(), local[-1] * fired.shape[1], valid)
+        coeff = self.balance_coeff.clone()  # the lambda of this forward (a later update must not leak in)
+        scale = local[-1].to(probs.dtype) if self.config.calculate_per_token_loss else 1.0
+        out = _BalanceLoss.apply(probs, fire_rate, valid, total_tokens, fs, self, coeff, scale)
+        if self is chunk.routers[-1] and getattr(self.config, "routing_free_lambda_update", "step") == "micro-batch":
+            _micro_batch_update(chunk, fs)
+        return out
+
+
+def link_routers(routers, num_layers: int) -> None:
+    """Make `routers` (the Routing-Free layers of one model chunk, in layer order) share one
+    balance loss whose L is `num_layers` (the MoE layers of the whole model)."""
+    chunk = _Chunk(list(routers), int(num_layers))
+    for r in routers:
+        object.__setattr__(r, "chunk", chunk)
+
+
+def next_lambda(lam: float, rho: float, config) -> float:
+    """One lambda step for density rho, clamped at 1 from above (no lower clamp in either rule).
+
+    sign:      lambda * (1 + eta) ** sign(rho - rho*)                 (the paper, as recorded here)
+    quadratic: lambda * (1 + eta * (rho - rho*) ** 2) ** sign(rho - rho*)   (the authors' code)
+    """
+    target, eta = config.routing_free_density_target, config.routing_free_eta
+    sign = (rho > target) - (rho < target)
+    rule = getattr(config, "routing_free_lambda_rule", "sign")
+    base = 1.0 + eta if rule == "sign" else 1.0 + eta * (rho - target) ** 2
+    return min(1.0, lam * base ** sign)
+
+
+@torch.no_grad()
+def _micro_batch_update(chunk, fs) -> None:
+    """The reference's timing: after this micro-batch's loss used the old lambda, step lambda from
+    this micro-batch's density (all MoE layers, this data-parallel replica's tokens)."""
+    r0 = chunk.routers[0]
+    stats = torch.stack([fs.fired, fs.pairs]).double()
+    if r0.tp_cp_group.size() > 1:
+        dist.all_reduce(stats, group=r0.tp_cp_group)
+    if stats[1] == 0:
+        return
+    lam = next_lambda(float(r0.balance_coeff), float(stats[0] / stats[1]), r0.config)
+    for r in chunk.routers:
+        r.balance_coeff.fill_(lam)
 
 
 class AoEExperts(MegatronModule):
@@ -149,6 +270,10 @@ class AoEExperts(MegatronModule):
             p.tensor_model_parallel = etp > 1
             p.partition_dim = dim
         self.activation_func = config.activation_func
+        # set by prepare_layers: tokens stay on this rank (EP = TP = 1, no capacity padding), so
+        # the router's x A for all experts can be permuted alongside the tokens instead of
+        # recomputed per expert
+        self.reuse_projection = False
         self._router = None
         self._local_ids: list[int] = []
 
@@ -161,12 +286,25 @@ class AoEExperts(MegatronModule):
         if self._router is None:
             raise RuntimeError("AoEExperts need the Routing-Free router's gates (attach_gate)")
         splits = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
+        xa = None
+        z, routing_map = getattr(self._router, "last_projection", (None, None))
+        object.__setattr__(self._router, "last_projection", (None, None))
+        if self.reuse_projection and z is not None and sum(splits) == hidden.shape[0]:
+            # row j of xa is the gate's x A_e of the token in row j of `hidden`, e its expert
+            xa = _permute_projection(z, routing_map)
         outs = []
+        # unbind, not [j]: indexing a parameter per expert costs a zero-filled full-size gradient
+        # per expert in backward (E^2 memory traffic); unbind's backward is one stack.
+        gate = self._router.gate_proj.unbind(0)
+        ups, gate_ups, downs = self.up_proj.unbind(0), self.gate_up.unbind(0), self.down_proj.unbind(0)
         # Every local expert runs, even on 0 tokens: ZeRO and DDP expect grads for all of them.
-        for j, (x, p) in enumerate(zip(torch.split(hidden, splits), torch.split(probs, splits))):
-            a = self._router.gate_proj[self._local_ids[j]].to(x.dtype)
-            h = self.activation_func(x @ a @ self.gate_up[j]) * (x @ self.up_proj[j].t())
-            outs.append((h * p.unsqueeze(-1).to(h.dtype)) @ self.down_proj[j].t())
+        xas = torch.split(xa, splits) if xa is not None else [None] * len(splits)
+        for j, (x, p, xa_j) in enumerate(zip(torch.split(hidden, splits), torch.split(probs, splits), xas)):
+            if xa_j is None:
+                xa_j = x @ gate[self._local_ids[j]].to(x.dtype)
+            h = self.activation_func(xa_j.to(x.dtype) @ gate_ups[j]) * (x @ ups[j].t())
+            # G scales the expert's output; applied after W_down (H wide, not F wide; same by linearity)
+            outs.append((h @ downs[j].t()) * p.unsqueeze(-1).to(h.dtype))
         return torch.cat(outs, dim=0), None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -183,8 +321,17 @@ class AoEExperts(MegatronModule):
         return out
 
 
+def _permute_projection(z, routing_map):
+    """z [T, E*r] -> [routed pairs, r]: each routed (token t, expert e) pair's block x_t A_e, in the
+    row order of Megatron-Core's `permute` (expert-major, tokens ascending within an expert)."""
+    T, E = routing_map.shape
+    e, t = routing_map.t().nonzero(as_tuple=True)
+    return z.reshape(T * E, -1).index_select(0, t * E + e)
+
+
 def prepare_layers(model) -> None:
-    """Once after building: give AoE experts their layer's router; size alltoall outputs by the map.
+    """Once after building: one balance loss over the Routing-Free layers of each model chunk; give
+    AoE experts their layer's router; size alltoall outputs by the map.
 
     Megatron's alltoall dispatcher sizes its permutation output as tokens x top-k, right for
     top-k routers only; permutes that honour that size (TransformerEngine's fused permute, the
@@ -195,9 +342,26 @@ def prepare_layers(model) -> None:
 
     from selfmoe.routers import moe_layers
 
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        rs = sorted((layer.router for layer in moe_layers(chunk) if isinstance(layer.router, RoutingFreeRouter)),
+                    key=lambda r: r.layer_number or 0)
+        if rs:
+            link_routers(rs, num_moe_layers(rs[0].config))
+            if rs[0].config.pipeline_model_parallel_size > 1 and not getattr(prepare_layers, "_noted", False):
+                prepare_layers._noted = True
+                if not dist.is_initialized() or dist.get_rank() == 0:
+                    print("routing-free: pipeline parallel: the balance loss's token term uses each stage's own "
+                          "per-token fire fraction (a per-stage approximation of the authors' one loss over all "
+                          "layers; exact at pipeline size 1); its difference from the exact value is measured "
+                          "and printed after the first step", flush=True)
     for layer in moe_layers(model):
         if isinstance(layer.experts, AoEExperts):
-            layer.experts.attach_gate(layer.router, layer.local_expert_indices)
+            ex = layer.experts
+            ex.attach_gate(layer.router, layer.local_expert_indices)
+            ex.reuse_projection = layer.router.keep_projection = (
+                ex.ep_group.size() == 1 and ex.expt_tp_group.size() == 1 and layer.router.tp_cp_group.size() == 1
+                and layer.config.moe_expert_capacity_factor is None)
         dispatcher = layer.token_dispatcher
         if isinstance(dispatcher, MoEAlltoAllTokenDispatcher) and not getattr(dispatcher, "_variable_k", False):
             dispatcher.preprocess = _variable_k_preprocess(dispatcher, dispatcher.preprocess)
@@ -214,6 +378,43 @@ def _variable_k_preprocess(dispatcher, original):
     return preprocess
 
 
+_pp_gap_reported = False
+
+
+def token_balance_gap(model, group=None):
+    """(exact, per-stage) L_TB of the last training micro-batch, when the model's MoE layers are
+    split over pipeline stages (each a chunk of `model` here, or ranks of `group`).
+
+    Each stage's backward can only see its own layers' firing, so there the token fire fraction m_t
+    is the stage's own (count over its n_s layers / (n_s E)) instead of over all L layers:
+        exact     = mean_t (sum_s c_ts / (L E)) (sum_s S_ts / (L E))
+        per-stage = mean_t  sum_s (c_ts / (n_s E)) (S_ts / (L E))
+    with c_ts the fired pairs and S_ts the summed P of token t on stage s. Collective over `group`
+    (the pipeline group) and the tensor/context-parallel group; every rank gets the same numbers.
+    """
+    chunks = {id(r.chunk): r.chunk for r in routing_free_routers(model)}.values()
+    fss = [(c, c.current) for c in chunks if c.current is not None and c.current.count is not None]
+    if not fss:
+        return None
+    c0 = fss[0][0]
+    L, E = c0.num_layers, c0.routers[0].num_experts
+    count = sum(fs.count for _, fs in fss).double()
+    p_sum = sum(fs.p_sum for _, fs in fss).double()
+    approx = sum((fs.count / (fs.layers * E)) * (fs.p_sum / (L * E)) for _, fs in fss).double()
+    vec = torch.cat([count, p_sum, approx])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(vec, group=group)
+    T = count.numel()
+    count, p_sum, approx = vec[:T], vec[T:2 * T], vec[2 * T:]
+    valid_tokens = fss[0][1].valid.sum().double().reshape(1)
+    sums = torch.stack([(count / (L * E) * p_sum / (L * E)).sum(), approx.sum()])
+    tp = c0.routers[0].tp_cp_group
+    out = torch.cat([sums, valid_tokens])
+    if tp.size() > 1:
+        dist.all_reduce(out, group=tp)
+    return float(out[0] / out[2]), float(out[1] / out[2])
+
+
 def routing_free_routers(model) -> list[RoutingFreeRouter]:
     chunks = model if isinstance(model, (list, tuple)) else [model]
     return [m for c in chunks for m in c.modules() if isinstance(m, RoutingFreeRouter)]
@@ -221,32 +422,51 @@ def routing_free_routers(model) -> list[RoutingFreeRouter]:
 
 @torch.no_grad()
 def update_balance_coefficient(model, group=None):
-    """One lambda step from the global density since the last call; call once per optimizer step.
+    """Once per optimizer step: lambda from the global density since the last call.
 
     Collective over `group` (default: all ranks), so that every MoE layer on every pipeline stage,
     data-parallel and tensor-parallel rank sees the same density and keeps the same lambda.
+    With `routing_free_lambda_update == "micro-batch"` lambda already moved after every micro-batch
+    (the reference's timing); here it is only averaged over the ranks (as the reference does).
     Returns (rho, lambda), or (None, lambda) when no training token was routed since the last call.
     """
     routers = routing_free_routers(model)
-    stats = torch.zeros(2, dtype=torch.float64)
+    stats = torch.zeros(3, dtype=torch.float64)
     for r in routers:
-        stats += torch.cat([r.fired_count, r.pair_count]).cpu()
+        stats[:2] += torch.cat([r.fired_count, r.pair_count]).cpu()
         r.fired_count.zero_()
         r.pair_count.zero_()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
+    if routers:
+        stats[2] = float(routers[0].balance_coeff)
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    if world > 1:
         dist.all_reduce(stats, group=group)
     if not routers:
         return None, None
-    lam = routers[0].balance_coeff.clone()
-    if stats[1] == 0:
-        return None, float(lam)
-    rho = float(stats[0] / stats[1])
     cfg = routers[0].config
-    sign = (rho > cfg.routing_free_density_target) - (rho < cfg.routing_free_density_target)
-    lam = torch.clamp(lam * (1.0 + cfg.routing_free_eta) ** sign, max=1.0)
+    if getattr(cfg, "routing_free_lambda_update", "step") == "micro-batch":
+        lam = float(stats[2]) / world
+    else:
+        lam = float(routers[0].balance_coeff)
+        if stats[1] == 0:
+            return None, lam
+        lam = next_lambda(lam, float(stats[0] / stats[1]), cfg)
     for r in routers:
-        r.balance_coeff.copy_(lam)
-    return rho, float(lam)
+        r.balance_coeff.fill_(lam)
+    global _pp_gap_reported
+    if cfg.pipeline_model_parallel_size > 1 and not _pp_gap_reported:
+        from megatron.core import parallel_state
+
+        gap = token_balance_gap(model, parallel_state.get_pipeline_model_parallel_group())
+        _pp_gap_reported = True
+        if gap is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            exact, approx = gap
+            print(f"routing-free: pipeline-parallel per-stage L_TB, measured on the first step's last micro-batch: "
+                  f"exact {exact:.6g}, per-stage {approx:.6g} ({100 * (approx - exact) / max(exact, 1e-30):+.2f}%; "
+                  f"it enters the loss with weight 1 - mu = {1 - cfg.routing_free_mu:g})", flush=True)
+    if stats[1] == 0:
+        return None, lam
+    return float(stats[0] / stats[1]), lam
 
 
 def set_theta(model, theta: float) -> None:

@@ -246,6 +246,12 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--routing-free-eta", type=float, default=0.02)
     g.add_argument("--routing-free-mu", type=float, default=0.5)
     g.add_argument("--routing-free-expert-type", choices=("aoe", "mlp"), default="aoe")
+    g.add_argument("--routing-free-lambda-rule", choices=("sign", "quadratic"), default="sign")
+    g.add_argument("--routing-free-lambda-update", choices=("step", "micro-batch"), default="step")
+    g.add_argument("--routing-free-scale-init", type=float, help="gate scale s_i at init (default: G ~ 2 theta)")
+    g.add_argument("--routing-free-bias-init", type=float, default=1e-6)
+    g.add_argument("--routing-free-preset", choices=("reference",),
+                   help="the authors' 120M recipe's Routing-Free settings as defaults (explicit flags win)")
 
     g = p.add_argument_group("network size")
     g.add_argument("--use-legacy-models", action="store_true", help="refused: selfmoe builds Megatron-Core models")
@@ -279,6 +285,11 @@ def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None
     demo = demo_defaults is not None and not any(a == "--num-layers" or a.startswith("--num-layers=") for a in argv)
     if demo:
         parser.set_defaults(**demo_defaults)
+    preset = parser.parse_known_args(argv)[0].routing_free_preset
+    if preset:
+        from selfmoe.config import ROUTING_FREE_PRESETS
+
+        parser.set_defaults(**ROUTING_FREE_PRESETS[preset])
     args = parser.parse_args(argv)
     if demo and any(a.split("=")[0] in ("--lr-warmup-iters", "--lr-warmup-samples") for a in argv):
         args.lr_warmup_fraction = None  # an explicit warmup replaces the demo's warmup fraction
@@ -720,6 +731,9 @@ def args_to_config(args):
             routing_free_density_target=args.routing_free_density_target,
             routing_free_lambda0=args.routing_free_lambda0, routing_free_eta=args.routing_free_eta,
             routing_free_mu=args.routing_free_mu, routing_free_expert_type=args.routing_free_expert_type,
+            routing_free_lambda_rule=args.routing_free_lambda_rule,
+            routing_free_lambda_update=args.routing_free_lambda_update,
+            routing_free_scale_init=args.routing_free_scale_init, routing_free_bias_init=args.routing_free_bias_init,
             random_router_seed=args.seed, hash_router_seed=args.seed,
         )
     from selfmoe.training.config_flags import config_kwargs

@@ -24,6 +24,9 @@ ROUTERS = {
                      "--routing-free-eta", "0.5"],
     "hash": ["--moe-router-type", "hash"],
 }
+# Under PP the token-balance term L_TB is a per-stage approximation (README, Routing-Free MoE;
+# its own test is in tests/routers/test_routing_free.py); L_EB alone (mu = 1) is exact on any layout.
+ROUTERS["routing-free-mu1"] = ROUTERS["routing-free"] + ["--routing-free-mu", "1"]
 LAYOUTS = {
     "pipeline-2": ["--pipeline-model-parallel-size", "2"],
     # interleaved 1F1B: each rank holds 2 chunks of 1 layer (layers 0+2 and 1+3)
@@ -31,7 +34,8 @@ LAYOUTS = {
     "tensor-2+sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "expert-2-alltoall": ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"],
 }
-CASES = [("routing-free", layout) for layout in LAYOUTS] + [("hash", "pipeline-2"), ("hash", "pipeline-2-interleaved")]
+CASES = [("routing-free-mu1" if layout.startswith("pipeline") else "routing-free", layout) for layout in LAYOUTS] + [
+    ("hash", "pipeline-2"), ("hash", "pipeline-2-interleaved")]
 pytestmark = pytest.mark.slow
 _cache: dict = {}
 
