@@ -24,6 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 
 from selfmoe import mcore_compat
+from selfmoe.routers.base import router_option
 
 
 def num_moe_layers(config) -> int:
@@ -108,17 +109,18 @@ class RoutingFreeRouter(MegatronModule):
         super().__init__(config)
         pg_collection = mcore_compat.default_pg_collection(pg_collection)
         self.num_experts = E = config.num_moe_experts
-        H, r = config.hidden_size, config.routing_free_rank
+        H, r = config.hidden_size, router_option(config, "routing_free_rank")
         self.tp_cp_group = pg_collection.tp_cp
         self.layer_number = None
-        self.theta = float(config.routing_free_theta)
-        self.mu = float(config.routing_free_mu)
+        self.theta = float(router_option(config, "routing_free_theta"))
+        self.mu = float(router_option(config, "routing_free_mu"))
         self.gate_proj = torch.nn.Parameter(torch.empty(E, H, r, dtype=config.params_dtype))
-        s0 = config.routing_free_scale_init
+        s0 = router_option(config, "routing_free_scale_init")
         if s0 is None:
             s0 = 2.0 * self.theta / (config.init_method_std * (H * r) ** 0.5)
         self.gate_scale = torch.nn.Parameter(torch.full((E,), float(s0), dtype=torch.float32))
-        self.gate_bias = torch.nn.Parameter(torch.full((E,), config.routing_free_bias_init, dtype=torch.float32))
+        b0 = router_option(config, "routing_free_bias_init")
+        self.gate_bias = torch.nn.Parameter(torch.full((E,), b0, dtype=torch.float32))
         if config.perform_initialization:
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 config.init_method(self.gate_proj)
@@ -127,7 +129,8 @@ class RoutingFreeRouter(MegatronModule):
             setattr(p, "sequence_parallel", config.sequence_parallel)
         # The adaptive balance coefficient lambda is training state: a persistent buffer, so it is
         # saved with the model (all layers hold the same value).
-        self.register_buffer("balance_coeff", torch.tensor([config.routing_free_lambda0], dtype=torch.float64))
+        lam0 = router_option(config, "routing_free_lambda0")
+        self.register_buffer("balance_coeff", torch.tensor([lam0], dtype=torch.float64))
         # Fired / seen (token, expert) pairs since the last lambda update; no synchronisation per step.
         self.register_buffer("fired_count", torch.zeros(1, dtype=torch.float64), persistent=False)
         self.register_buffer("pair_count", torch.zeros(1, dtype=torch.float64), persistent=False)
@@ -216,9 +219,9 @@ def next_lambda(lam: float, rho: float, config) -> float:
     sign:      lambda * (1 + eta) ** sign(rho - rho*)                 (the paper, as recorded here)
     quadratic: lambda * (1 + eta * (rho - rho*) ** 2) ** sign(rho - rho*)   (the authors' code)
     """
-    target, eta = config.routing_free_density_target, config.routing_free_eta
+    target, eta = router_option(config, "routing_free_density_target"), router_option(config, "routing_free_eta")
     sign = (rho > target) - (rho < target)
-    rule = getattr(config, "routing_free_lambda_rule", "sign")
+    rule = router_option(config, "routing_free_lambda_rule")
     base = 1.0 + eta if rule == "sign" else 1.0 + eta * (rho - target) ** 2
     return min(1.0, lam * base ** sign)
 
@@ -254,7 +257,7 @@ class AoEExperts(MegatronModule):
         F = config.moe_ffn_hidden_size
         if F % etp:
             raise ValueError(f"moe_ffn_hidden_size ({F}) must divide by expert tensor parallel size ({etp})")
-        H, r, Fl = config.hidden_size, config.routing_free_rank, F // etp
+        H, r, Fl = config.hidden_size, router_option(config, "routing_free_rank"), F // etp
         dt = config.params_dtype
         self.up_proj = torch.nn.Parameter(torch.empty(n, Fl, H, dtype=dt))
         self.gate_up = torch.nn.Parameter(torch.empty(n, r, Fl, dtype=dt))

@@ -133,7 +133,7 @@ def plain_config(**kw):
                              **kw)
 
 
-@pytest.mark.parametrize("router", ["learned", "self", "random"])
+@pytest.mark.parametrize("router", ["learned", "self", "random", "routing-free"])
 def test_routers_work_with_a_plain_transformer_config(mp, router):
     model = user_model(router, plain_config())
     layer = moe_layers(model)[0]
@@ -142,7 +142,11 @@ def test_routers_work_with_a_plain_transformer_config(mp, router):
     ids = torch.randint(0, 64, (2, 16))
     loss = model(ids, torch.arange(16)[None].expand(2, 16), None, labels=ids).mean()
     loss.backward()
-    assert torch.isfinite(loss) and (seen["map"].sum(1) == K).all()
+    assert torch.isfinite(loss)
+    if router == "routing-free":  # documented defaults: theta 1, a gate scale at which every expert fires at init
+        assert layer.router.theta == 1.0 and bool(seen["map"].all())
+    else:
+        assert (seen["map"].sum(1) == K).all()
     if router == "self":  # the documented default subspace: the last E hidden channels
         assert layer.router.subspace.tolist() == list(range(32 - E, 32))
 
@@ -152,8 +156,8 @@ def test_hash_router_with_plain_config_says_what_it_needs(mp):
         user_model("hash", plain_config())
 
 
-# Routing-Free is left out: its balance loss still counts padding tokens on this branch (its
-# padding handling is rewritten under issue 8); the metrics counts above are invariant for it too.
+# Routing-Free has no top-k counts or aux loss of Megatron's; its padding invariance (balance loss,
+# its gradients and the density that drives lambda) is tested in tests/routers/test_routing_free.py.
 @pytest.mark.parametrize("router", ["learned", "self", "random", "hash"])
 def test_padding_tokens_change_no_statistic(mp, router):
     """Reference: the same batch with other ids at the padding positions. Every count (metrics,
