@@ -54,7 +54,8 @@ TRANSFORMER_MODEL_FIELDS = (
 )
 RESUMABLE_ROUTER_FIELDS = {
     "model_style", "routing_free_eta", "routing_free_lambda0", "routing_free_density_target", "routing_free_mu",
-    "routing_free_theta", "routing_free_bias_init", "routing_free_scale_init",
+    "routing_free_theta", "routing_free_bias_init", "routing_free_scale_init", "routing_free_lambda_rule",
+    "routing_free_lambda_update",
 }
 
 
