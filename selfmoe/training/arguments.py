@@ -456,8 +456,14 @@ def validate_args(args, world_size: int | None = None) -> None:
                               "--disable-bias-linear (megatron-core's local MoE experts cannot train with them)")
         if args.moe_token_dispatcher_type == "flex":
             raise ArgumentError("--moe-token-dispatcher-type flex needs DeepEP (CUDA); use allgather or alltoall")
-        if str(args.moe_layer_freq) != "1":
-            raise ArgumentError("--moe-layer-freq: only 1 (every layer is an MoE layer) is supported")
+        from selfmoe.models.moe_spec import parse_moe_layer_freq
+
+        try:  # Megatron-LM: N (every N-th layer is MoE) or a list expression such as "([0]+[1]*23)"
+            pattern = parse_moe_layer_freq(args.moe_layer_freq, args.num_layers)
+        except ValueError as e:
+            raise ArgumentError(f"--moe-layer-freq {e}") from None
+        text = str(args.moe_layer_freq).strip()
+        args.moe_layer_freq = int(text) if text.lstrip("+").isdigit() else pattern
         args.self_routing_subspace = _parse_subspace(args.self_routing_subspace)
 
     # batch sizes
@@ -643,7 +649,7 @@ def args_to_config(args):
             routing_free_density_target=args.routing_free_density_target,
             routing_free_lambda0=args.routing_free_lambda0, routing_free_eta=args.routing_free_eta,
             routing_free_mu=args.routing_free_mu, routing_free_expert_type=args.routing_free_expert_type,
-            random_router_seed=args.seed, hash_router_seed=args.seed,
+            random_router_seed=args.seed, hash_router_seed=args.seed, moe_layer_freq=args.moe_layer_freq,
         )
     style = "mixtral" if args.swiglu else "gpt2"
     try:
