@@ -22,7 +22,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.common.vision_module.vision_module import VisionModule
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 
@@ -89,6 +89,7 @@ class SelfMoEViTModel(VisionModule):
         if img_h % patch_dim or img_w % patch_dim:
             raise ValueError(f"image size {img_h}x{img_w} is not divisible by the patch size {patch_dim}")
         self.pre_process, self.post_process, self.pool = pre_process, post_process, pool
+        self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules read
         self.patch_dim, self.num_channels, self.num_classes = patch_dim, num_channels, num_classes
         self.class_token_len = int(pool == "cls")
         self.seq_length = num_tokens(img_h, img_w, patch_dim, pool == "cls")

@@ -239,23 +239,26 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--routing-free-mu", type=float, default=0.5)
     g.add_argument("--routing-free-expert-type", choices=("aoe", "mlp"), default="aoe")
 
+    if extra_args_provider is not None:  # first: a script's own flag (e.g. --num-workers) replaces an ignored one
+        p = extra_args_provider(p) or p
     g = p.add_argument_group("accepted for launch-script compatibility, no effect on CPU")
     for flag, nargs in IGNORED_FLAGS.items():
+        if flag in p._option_string_actions:
+            continue
         kw = {"nargs": 0} if nargs == 0 else ({"nargs": nargs} if nargs else {})
         g.add_argument(flag, action=_IgnoredFlag, dest=f"_ignored_{flag.strip('-').replace('-', '_')}",
                        help=argparse.SUPPRESS, **kw)
-
-    if extra_args_provider is not None:
-        p = extra_args_provider(p) or p
     return p
 
 
 def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None, world_size: int | None = None,
-               demo_defaults: dict | None = None):
+               demo_defaults: dict | None = None, prepare_args=None, validate_data=None):
     """Parse and validate; on a bad configuration print one `error:` line and exit with 2.
 
     `demo_defaults` become the defaults (explicit flags still win) when no model is described
     (no --num-layers); `defaults` fill values left unset, like Megatron-LM's args_defaults.
+    A model family other than GPT passes `prepare_args(args)` (derives values before validation,
+    e.g. the ViT's sequence length) and `validate_data(args)` (replaces the corpus/tokenizer checks).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(extra_args_provider)
@@ -272,7 +275,9 @@ def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     try:
-        validate_args(args, world_size)
+        if prepare_args is not None:
+            prepare_args(args)
+        validate_args(args, world_size, validate_data)
     except ArgumentError as e:
         fail(str(e))
     return args
@@ -359,7 +364,7 @@ def _validate_optimizer_sharding(args) -> None:
                                 "equal to --tensor-model-parallel-size")
 
 
-def validate_args(args, world_size: int | None = None) -> None:
+def validate_args(args, world_size: int | None = None, validate_data=None) -> None:
     """Check flags and fill derived values in place (Megatron-LM's validate_args, our subset)."""
     args.world_size = ws = _world_size(world_size)
     if not hasattr(args, "notes"):
@@ -502,7 +507,7 @@ def validate_args(args, world_size: int | None = None) -> None:
     if args.load is not None and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise ArgumentError(f"--load {args.load} is not a directory")
 
-    _validate_data(args)
+    (validate_data or _validate_data)(args)
     args_to_config(args)  # the config's own checks (router options), still before any model exists
 
 
@@ -650,6 +655,7 @@ def args_to_config(args):
             routing_free_lambda0=args.routing_free_lambda0, routing_free_eta=args.routing_free_eta,
             routing_free_mu=args.routing_free_mu, routing_free_expert_type=args.routing_free_expert_type,
             random_router_seed=args.seed, hash_router_seed=args.seed, moe_layer_freq=args.moe_layer_freq,
+            hash_router_by=getattr(args, "hash_router_by", "token"),
         )
     style = "mixtral" if args.swiglu else "gpt2"
     try:
