@@ -170,16 +170,16 @@ class ArraySource:
 
 def check_labels(source, num_classes: int) -> None:
     """Every label in [0, num_classes): else an ImageDataError naming the first bad sample."""
-    if len(source.classes) > num_classes:
+    labels = source.labels if hasattr(source, "labels") else np.array([y for _, y in source.samples])
+    bad = np.nonzero((labels < 0) | (labels >= num_classes))[0]
+    if len(bad) and not isinstance(source, FolderSource):
+        i = int(bad[0])
+        raise ImageDataError(f"{source.name(i)}: label {source.label(i)} out of range [0, {num_classes})")
+    if len(source.classes) > num_classes:  # a folder's label is its class index: name the folder
         name = source.classes[num_classes]
         where = os.path.join(source.root, name) if isinstance(source, FolderSource) else repr(name)
         raise ImageDataError(f"{where}: class {name!r} has label {num_classes}, out of range for --num-classes "
                              f"{num_classes} ({len(source.classes)} classes found)")
-    labels = source.labels if hasattr(source, "labels") else np.array([y for _, y in source.samples])
-    bad = np.nonzero((labels < 0) | (labels >= num_classes))[0]
-    if len(bad):
-        i = int(bad[0])
-        raise ImageDataError(f"{source.name(i)}: label {source.label(i)} out of range [0, {num_classes})")
 
 
 def check_same_classes(train, valid) -> None:
