@@ -91,10 +91,9 @@ class FolderSource:
         from PIL import Image
 
         path, label = self.samples[i]
-        with open(path, "rb") as f:
-            img = Image.open(f)
+        with Image.open(path) as img:
             img.load()  # decodes now: a truncated or corrupt file fails here, not later
-        return img.convert(self.mode), label
+            return img.convert(self.mode), label
 
 
 class HFSource:

@@ -12,7 +12,8 @@ sys.path.insert(0, REPO)
 import pretrain_vit  # noqa: E402
 
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
-        "--img-h", "28", "--img-w", "28", "--num-channels", "1", "--num-classes", "10", "--patch-dim", "7",
+        "--img-h", "28", "--img-w", "28", "--num-channels", "1", "--num-classes", "10", "--patch-dim", "14",
+        "--vit-pool", "mean", "--init-method-std", "0.05",
         "--micro-batch-size", "32", "--lr", "5e-3", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
         "--hidden-dropout", "0", "--attention-dropout", "0", "--disable-bias-linear", "--log-interval", "5",
         "--smoothing", "0", "--color-jitter", "0", "--train-crop-scale", "1", "--crop-pct", "1",
@@ -43,8 +44,8 @@ def test_every_router_learns_fashion_mnist(router):
                                                       "--eval-iters", "4"])
     losses = [out["losses"][i] for i in range(1, 31)]
     assert losses[0] == pytest.approx(2.303, abs=0.25)  # ln 10: a fresh classifier is ~uniform
-    assert sum(losses[-5:]) / 5 < losses[0] - 0.25
-    assert out["final_val_top-1"] > 0.2, out  # chance: 0.10 +- 0.027 (128 validation images)
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.35
+    assert out["final_val_top-1"] > 0.25, out  # chance: 0.10 +- 0.027 (128 validation images)
     assert out["final_val_top-5"] >= out["final_val_top-1"]
     assert (out["routing_entropy"] is None) == (router == "dense")
 
