@@ -27,7 +27,7 @@ VIT_DEMO_DEFAULTS = dict(
     img_h=28, img_w=28, num_channels=1, patch_dim=4, num_classes=10,
     micro_batch_size=64, train_iters=900, lr=2e-3, min_lr=1e-5, lr_decay_style="cosine", lr_warmup_fraction=0.05,
     weight_decay=0.05, adam_beta2=0.98, hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
-    init_method_std=0.02, log_interval=50, eval_interval=300, eval_iters=40, num_workers=1,
+    init_method_std=0.05, log_interval=50, eval_interval=300, eval_iters=40, num_workers=1,
     smoothing=0.0, color_jitter=0.0, train_crop_scale=1.0, crop_pct=1.0, train_interpolation="bilinear",
 )
 
