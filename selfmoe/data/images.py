@@ -411,7 +411,10 @@ class ImageBatchIterator:
         nw = dataset.num_workers
         self.loader = iter(torch.utils.data.DataLoader(
             _Positions(dataset, mbs, dp_rank, dp_size, consumed_samples, limit), batch_size=None,
-            num_workers=nw, prefetch_factor=2 if nw else None, persistent_workers=False))
+            num_workers=nw, prefetch_factor=2 if nw else None, persistent_workers=False,
+            # its own generator: DataLoader draws its workers' base seed from it, which would otherwise
+            # consume the global torch RNG (drop path) whenever an iterator starts (resume, validation)
+            generator=torch.Generator().manual_seed(dataset.seed)))
 
     def __iter__(self):
         return self

@@ -82,13 +82,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         for c in ("a", "b"):
             os.makedirs(tmp_path / split / c)
             Image.new("L", (28, 28), 40).save(tmp_path / split / c / "0.png")
-    flags = TINY + ["--train-iters", "2", "--eval-iters", "0", "--data-path", str(tmp_path), "--micro-batch-size", "2"]
+    flags = TINY + ["--train-iters", "3", "--eval-iters", "0", "--data-path", str(tmp_path), "--micro-batch-size", "2"]
     (tmp_path / "train" / "b" / "1.png").write_bytes(b"GIF89a but not really")
     assert _error(flags, capsys).endswith("train/b/1.png: cannot decode image (UnidentifiedImageError: "
                                           f"cannot identify image file '{tmp_path}/train/b/1.png')")
     assert "train/b/1.png: cannot decode" in _error(flags + ["--num-workers", "1"], capsys)  # from a worker
     out = pretrain_vit.main(flags + ["--skip-bad-images"])
-    assert out["iteration"] == 2
+    assert out["iteration"] == 3
     os.remove(tmp_path / "train" / "b" / "1.png")
     os.makedirs(tmp_path / "val" / "c")
     Image.new("L", (28, 28)).save(tmp_path / "val" / "c" / "0.png")
@@ -98,4 +98,5 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert _error(flags + ["--tokenizer-type", "GPT2BPETokenizer"], capsys) == \
         "error: --tokenizer-type has no meaning for pretrain_vit.py"
     assert "--patch-dim 5" in _error(TINY + ["--patch-dim", "5"], capsys)
-    assert "--moe-layer-freq" in _error(TINY + ROUTERS["self"][:4] + ["--moe-layer-freq", "[1,0,1]"], capsys)
+    assert "--moe-layer-freq" in _error(TINY + ["--train-iters", "3"] + ROUTERS["self"][:4] + ["--moe-layer-freq", "[1,0,1]"],
+                                        capsys)
