@@ -90,6 +90,7 @@ class SelfMoEViTModel(VisionModule):
             raise ValueError(f"image size {img_h}x{img_w} is not divisible by the patch size {patch_dim}")
         self.pre_process, self.post_process, self.pool = pre_process, post_process, pool
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules read
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads under PP
         self.patch_dim, self.num_channels, self.num_classes = patch_dim, num_channels, num_classes
         self.class_token_len = int(pool == "cls")
         self.seq_length = num_tokens(img_h, img_w, patch_dim, pool == "cls")
