@@ -11,19 +11,20 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from selfmoe.config import SelfMoEConfig
-from selfmoe.models.moe_spec import prepare_moe, with_moe_router
+from selfmoe.models.moe_spec import block_spec, prepare_moe, with_moe_router
 
 
-def transformer_layer_spec(config: SelfMoEConfig) -> ModuleSpec:
-    """Megatron-Core's local (non-TE) GPT layer, with our router plugged into MoESubmodules."""
-    spec = get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts,
-        moe_grouped_gemm=False,
-        qk_layernorm=config.qk_layernorm,
-        qk_l2_norm=config.qk_l2_norm,
-        normalization=config.normalization,
-    )
-    return with_moe_router(spec, config)
+def transformer_layer_spec(config: SelfMoEConfig, vp_stage: int | None = None):
+    """Megatron-Core's local (non-TE) GPT layer, with our router plugged into MoESubmodules; one
+    spec per layer of this stage when --moe-layer-freq mixes dense and MoE layers."""
+
+    def layer(moe: bool, layer_index: int) -> ModuleSpec:
+        spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts if moe else None,
+                                        moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm,
+                                        qk_l2_norm=config.qk_l2_norm, normalization=config.normalization)
+        return with_moe_router(spec, config) if moe else spec
+
+    return block_spec(config, layer, vp_stage)
 
 
 class SelfMoEGPTModel(GPTModel):
@@ -61,7 +62,7 @@ def build_gpt_model(config: SelfMoEConfig, pre_process: bool | None = None, post
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     kwargs = dict(
         config=config,
-        transformer_layer_spec=transformer_layer_spec(config),
+        transformer_layer_spec=transformer_layer_spec(config, vp_stage),
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,
         pre_process=pre_process,

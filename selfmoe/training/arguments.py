@@ -258,8 +258,12 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine"))
     g.add_argument("--recompute-activations", action="store_true", help="as --recompute-granularity selective")
 
+    if extra_args_provider is not None:  # first: a script's own flag (e.g. --num-workers) replaces an ignored one
+        p = extra_args_provider(p) or p
     g = p.add_argument_group("accepted for launch-script compatibility, no effect (reasons at start-up)")
     for flag, nargs in IGNORED_FLAGS.items():
+        if flag in p._option_string_actions:
+            continue
         kw = {"nargs": 0} if nargs == 0 else ({"nargs": nargs} if nargs else {})
         g.add_argument(flag, action=_IgnoredFlag, dest=f"_ignored_{flag.strip('-').replace('-', '_')}",
                        help=argparse.SUPPRESS, **kw)
@@ -267,18 +271,18 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     from selfmoe.training.config_flags import add_config_flags
 
     add_config_flags(p)  # TransformerConfig's other fields, as Megatron-LM derives them
-    if extra_args_provider is not None:
-        p = extra_args_provider(p) or p
     p.set_defaults(_flag_actions=tuple(p._actions))  # for the domain checks
     return p
 
 
 def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None, world_size: int | None = None,
-               demo_defaults: dict | None = None):
+               demo_defaults: dict | None = None, prepare_args=None, validate_data=None):
     """Parse and validate; on a bad configuration print one `error:` line and exit with 2.
 
     `demo_defaults` become the defaults (explicit flags still win) when no model is described
     (no --num-layers); `defaults` fill values left unset, like Megatron-LM's args_defaults.
+    A model family other than GPT passes `prepare_args(args)` (derives values before validation,
+    e.g. the ViT's sequence length) and `validate_data(args)` (replaces the corpus/tokenizer checks).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(extra_args_provider)
@@ -302,7 +306,9 @@ def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     try:
-        validate_args(args, world_size)
+        if prepare_args is not None:
+            prepare_args(args)
+        validate_args(args, world_size, validate_data)
     except ArgumentError as e:
         fail(str(e))
     return args
@@ -394,7 +400,7 @@ def _validate_optimizer_sharding(args) -> None:
                             "--tensor-model-parallel-size (DeepSpeed reduces expert grads over its own groups)")
 
 
-def validate_args(args, world_size: int | None = None) -> None:
+def validate_args(args, world_size: int | None = None, validate_data=None) -> None:
     """Check flags and fill derived values in place (Megatron-LM's validate_args, our subset)."""
     args.world_size = ws = _world_size(world_size)
     if not hasattr(args, "notes"):
@@ -500,8 +506,14 @@ def validate_args(args, world_size: int | None = None) -> None:
                               "--disable-bias-linear (megatron-core's local MoE experts cannot train with them)")
         if args.moe_token_dispatcher_type == "flex":
             raise ArgumentError("--moe-token-dispatcher-type flex needs DeepEP (CUDA); use allgather or alltoall")
-        if str(args.moe_layer_freq) != "1":
-            raise ArgumentError("--moe-layer-freq: only 1 (every layer is an MoE layer) is supported")
+        from selfmoe.models.moe_spec import parse_moe_layer_freq
+
+        try:  # Megatron-LM: N (every N-th layer is MoE) or a list expression such as "([0]+[1]*23)"
+            pattern = parse_moe_layer_freq(args.moe_layer_freq, args.num_layers)
+        except ValueError as e:
+            raise ArgumentError(f"--moe-layer-freq {e}") from None
+        text = str(args.moe_layer_freq).strip()
+        args.moe_layer_freq = int(text) if text.lstrip("+").isdigit() else pattern
         args.self_routing_subspace = _parse_subspace(args.self_routing_subspace)
 
     # batch sizes
@@ -554,7 +566,7 @@ def validate_args(args, world_size: int | None = None) -> None:
     if args.load is not None and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise ArgumentError(f"--load {args.load} is not a directory")
 
-    _validate_data(args)
+    (validate_data or _validate_data)(args)
     args_to_config(args)  # the config's own checks (router options), still before any model exists
 
 
@@ -734,7 +746,8 @@ def args_to_config(args):
             routing_free_lambda_rule=args.routing_free_lambda_rule,
             routing_free_lambda_update=args.routing_free_lambda_update,
             routing_free_scale_init=args.routing_free_scale_init, routing_free_bias_init=args.routing_free_bias_init,
-            random_router_seed=args.seed, hash_router_seed=args.seed,
+            random_router_seed=args.seed, hash_router_seed=args.seed, moe_layer_freq=args.moe_layer_freq,
+            hash_router_by=getattr(args, "hash_router_by", "token"),
         )
     from selfmoe.training.config_flags import config_kwargs
 

@@ -33,8 +33,9 @@ def perplexity(loss: float) -> float:
 
 
 class TrainingLogger:
-    def __init__(self, args, tokens_per_iteration: int, loss_name: str = "lm loss"):
+    def __init__(self, args, tokens_per_iteration: int, loss_name: str = "lm loss", unit: str = "tokens"):
         self.args = args
+        self.unit = unit  # what tokens_per_iteration counts: "tokens" (GPT) or "images" (ViT)
         self.loss_name = loss_name  # the forward step's report key, and the TensorBoard name
         self.tokens_per_iteration = tokens_per_iteration
         self.writer = None
@@ -44,6 +45,7 @@ class TrainingLogger:
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
         self.history: list[tuple[int, float]] = []  # (iteration, lm loss) of every trained iteration
         self.validation: list[tuple[int, float]] = []
+        self.validation_metrics: dict = {}  # the last validation's extra metrics (top-1, top-5)
         self.last_routing: dict = {}
         self._reset_interval()
         self.start_time = None
@@ -104,14 +106,14 @@ class TrainingLogger:
         per_iter = self.iv_step_seconds / max(1, self.iv_iters)
         tokens_per_s = self.iv_iters * self.tokens_per_iteration / max(self.iv_step_seconds, 1e-9)
         self.scalar("iteration-time", per_iter, iteration)
-        self.scalar("throughput/tokens-per-sec", tokens_per_s, iteration)
+        self.scalar(f"throughput/{self.unit}-per-sec", tokens_per_s, iteration)
         self.scalar("skipped-iterations", self.iv_skipped, iteration)
         width = len(str(self.args.train_iters))
         parts = [f"iteration {iteration:>{width}}/{self.args.train_iters}"]
         parts.append(f"{self.loss_name} {self.iv_loss / self.iv_n:.6E}" if self.iv_n else f"{self.loss_name} nan")
         parts.append(f"lr {lr:.3E}")
         parts.append(f"grad norm {self.iv_grad / self.iv_grad_n:.3f}" if self.iv_grad_n else "grad norm -")
-        parts.append(f"{tokens_per_s:,.0f} tok/s")
+        parts.append(f"{tokens_per_s:,.0f} {'tok' if self.unit == 'tokens' else 'img'}/s")
         parts.append(f"ETA {duration(eta)}")
         if routing:
             self.log_routing(routing, iteration)
@@ -136,13 +138,19 @@ class TrainingLogger:
             self.scalar("routing/density", m.get("density"), iteration)
             self.scalar("routing/lambda", m["lambda"], iteration)
 
-    def validation_result(self, iteration: int, loss: float, label: str = "validation"):
-        ppl = perplexity(loss)
+    def validation_result(self, iteration: int, loss: float, label: str = "validation", metrics: dict | None = None):
         self.validation.append((iteration, loss))
         self.scalar(f"{self.loss_name} {label}", loss, iteration)
-        self.scalar(f"{self.loss_name} {label} ppl", ppl, iteration)
-        print_rank_last(f"{label} at iteration {iteration} | {self.loss_name} {loss:.6E} | "
-                        f"{self.loss_name} PPL {ppl:.3f}")
+        line = f"{label} at iteration {iteration} | {self.loss_name} {loss:.6E}"
+        if self.unit == "tokens":  # perplexity is a language-model metric
+            ppl = perplexity(loss)
+            self.scalar(f"{self.loss_name} {label} ppl", ppl, iteration)
+            line += f" | {self.loss_name} PPL {ppl:.3f}"
+        for k, v in (metrics or {}).items():  # accuracies as percentages (top-1, top-5)
+            self.scalar(f"{k} {label}", 100 * v, iteration)
+            line += f" | {k} {100 * v:.2f}%"
+        self.validation_metrics = dict(metrics or {})
+        print_rank_last(line)
 
     def print(self, msg: str):
         print_rank_last(msg)
@@ -152,18 +160,22 @@ class TrainingLogger:
         trained = iteration - self.start_iteration
         out = {
             "iterations": trained, "seconds": elapsed,
-            "tokens_per_s": trained * self.tokens_per_iteration / max(self.train_seconds, 1e-9),
+            f"{self.unit}_per_s": trained * self.tokens_per_iteration / max(self.train_seconds, 1e-9),
             "final_val_loss": self.validation[-1][1] if self.validation else None,
             "final_train_loss": self.history[-1][1] if self.history else None,
             "routing_entropy": self.last_routing.get("normalized_entropy"),
         }
         out["final_val_ppl"] = perplexity(out["final_val_loss"]) if out["final_val_loss"] is not None else None
+        out.update({f"final_val_{k}": v for k, v in self.validation_metrics.items()})
         parts = [f"summary: {trained} iterations in {duration(elapsed)}"]
-        if out["final_val_ppl"] is not None:
+        if out["final_val_loss"] is not None and self.unit != "tokens":
+            parts.append(f"final validation {self.loss_name} {out['final_val_loss']:.4f}" +
+                         "".join(f" {k} {100 * v:.2f}%" for k, v in self.validation_metrics.items()))
+        elif out["final_val_ppl"] is not None:
             parts.append(f"final validation {self.loss_name} {out['final_val_loss']:.4f} PPL {out['final_val_ppl']:.2f}")
         if out["routing_entropy"] is not None:
             parts.append(f"routing entropy {out['routing_entropy']:.3f}")
-        parts.append(f"{out['tokens_per_s']:,.0f} tokens/s")
+        parts.append(f"{out[f'{self.unit}_per_s']:,.0f} {self.unit}/s")
         if checkpoint:
             parts.append(f"checkpoint {checkpoint}")
         if self.args.tensorboard_dir:

@@ -4,8 +4,11 @@ A script hands in three things, as with Megatron-LM's `pretrain()`:
 - `model_provider(config, pre_process, post_process, vp_stage)` -> this stage's model;
 - `datasets_provider(args, [train, valid, test] sample counts)` -> map-style datasets;
 - `forward_step(data_iterator, model)` -> (output, loss_func); loss_func returns
-  (loss sum, token count, {loss_name: [sum, count]}) as Megatron-LM's pretrain_gpt does
-  (loss_name "lm loss" for GPT).
+  (loss sum, token count, {loss_name: [sum, count], ...}) as Megatron-LM's pretrain_gpt does
+  (loss_name "lm loss" for GPT; the ViT adds "top-1"/"top-5" [hits, images], reported at validation).
+A dataset with a `micro_batches(micro_batch_size, dp_rank, dp_size, consumed_samples, wrap)`
+method supplies its own iterator (images: decoding in DataLoader workers); others are read with
+MicroBatchIterator.
 
 Everything else is Megatron-Core's own machinery: parallel_state, DDP, get_megatron_optimizer,
 OptimizerParamScheduler, get_forward_backward_func (so pipeline parallelism works) and
@@ -21,6 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -142,6 +146,13 @@ def wire_config(config, optimizer) -> None:
     config.timers = None
 
 
+def micro_batches(dataset, args, consumed_samples: int, wrap: bool = False):
+    """This data-parallel rank's micro-batch iterator over `dataset` from `consumed_samples` on."""
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    make = getattr(dataset, "micro_batches", None) or partial(MicroBatchIterator, dataset)
+    return make(args.micro_batch_size, dp_rank, dp_size, consumed_samples, wrap=wrap)
+
+
 def reduce_losses(losses_reduced: list, key: str = "lm loss") -> tuple[float, float]:
     """(loss sum, token count) of one step over all micro-batches and data-parallel ranks, on every rank.
 
@@ -214,14 +225,17 @@ def train_step(forward_step, data_iterator, model, optimizer, scheduler, args, c
 
 
 @torch.no_grad()
-def evaluate(forward_step, dataset, model, args, loss_name="lm loss") -> float:
-    """Mean loss over the first eval_iters global batches of `dataset` (the same batches every time)."""
-    it = chunk_iterators(model, lambda: MicroBatchIterator(
-        dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
-        parallel_state.get_data_parallel_world_size(), consumed_samples=0, wrap=True))
+def evaluate(forward_step, dataset, model, args, loss_name="lm loss", metrics: dict | None = None) -> float:
+    """Mean loss over the first eval_iters global batches of `dataset` (the same batches every time).
+
+    `metrics`, if given, names further keys of the loss function's report (e.g. top-1) and receives
+    their means (every pipeline stage takes part in the reductions, so the names come from the caller).
+    """
+    it = chunk_iterators(model, lambda: micro_batches(dataset, args, 0, wrap=True))
     for chunk in model:
         chunk.eval()
     total, count = 0.0, 0.0
+    extra: dict = {}
     deepspeed_engine = hasattr(model[0], "zero_optimization_stage")  # PP=1: plain micro-batch loop
     for _ in range(args.eval_iters):
         if deepspeed_engine:
@@ -237,31 +251,44 @@ def evaluate(forward_step, dataset, model, args, loss_name="lm loss") -> float:
             )
         s, n = reduce_losses(losses, loss_name)
         total, count = total + s, count + n
+        for key in metrics or {}:
+            ks, kn = reduce_losses(losses, key)
+            extra[key] = (extra.get(key, (0.0, 0.0))[0] + ks, extra.get(key, (0.0, 0.0))[1] + kn)
     for chunk in model:
         chunk.train()
     moe_utils.clear_aux_losses_tracker()
+    if metrics is not None:
+        metrics.update({k: s / max(n, 1.0) for k, (s, n) in extra.items()})
     return total / max(count, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
 # the loop
 
-def pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name: str = "lm loss") -> dict:
+def pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name: str = "lm loss",
+             throughput_unit: str = "tokens", eval_metrics: tuple = ()) -> dict:
     """Train as the arguments say; returns a summary dict (losses per iteration, final metrics).
+
+    throughput_unit: "tokens" (seq_length per sample, GPT) or "images" (one per sample).
+    eval_metrics: further report keys averaged at validation (the ViT's "top-1", "top-5").
 
     Sets up and tears down the process group and Megatron's parallel state, so it can be called
     again in the same process (tests).
     """
     init_distributed(args, timeout_minutes=args.distributed_timeout_minutes)
     try:
-        return _pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name)
+        return _pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name, throughput_unit,
+                         eval_metrics)
     finally:
         destroy_distributed()
 
 
-def _pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name) -> dict:
+def _pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name, throughput_unit,
+              eval_metrics) -> dict:
     set_random_seed(args.seed)
-    logger = TrainingLogger(args, tokens_per_iteration=args.global_batch_size * args.seq_length, loss_name=loss_name)
+    per_sample = args.seq_length if throughput_unit == "tokens" else 1
+    logger = TrainingLogger(args, tokens_per_iteration=args.global_batch_size * per_sample, loss_name=loss_name,
+                            unit=throughput_unit)
     reasons = getattr(args, "ignored_reasons", {})
     for flag in args.ignored_flags:
         logger.print(f"ignored: {flag} ({reasons.get(flag, 'no effect in selfmoe')})")
@@ -335,16 +362,16 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
                 logger.print("note: the checkpoint was saved with another world size; RNG states start fresh")
 
     train_ds, valid_ds, _ = datasets_provider(args, train_valid_test_num_samples(args))
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    train_iter = chunk_iterators(model, lambda: MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size,
-                                                                   state.consumed_train_samples))
+    train_iter = chunk_iterators(model, lambda: micro_batches(train_ds, args, state.consumed_train_samples))
     routing = RoutingStats(model, config.num_layers, E) if E else None
 
     def run_validation():
         if valid_ds is not None and args.eval_iters > 0:
             if routing:
                 routing.enabled = False
-            logger.validation_result(state.iteration, evaluate(forward_step, valid_ds, model, args, loss_name))
+            metrics = dict.fromkeys(eval_metrics)
+            loss = evaluate(forward_step, valid_ds, model, args, loss_name, metrics)
+            logger.validation_result(state.iteration, loss, metrics=metrics)
             if routing:
                 routing.enabled = True
 

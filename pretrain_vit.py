@@ -1,0 +1,76 @@
+"""Pretrain a (Mixture-of-Experts) ViT/DeiT image classifier with Megatron-Core: Megatron-LM's
+flags (vision names included), DeiT's recipe knobs, selfmoe's routers.
+
+    python pretrain_vit.py                       # demo: Self-Routing MoE ViT on Fashion-MNIST (Debian package)
+    python pretrain_vit.py --moe-router-type learned --moe-layer-freq 2
+    python pretrain_vit.py --data-path /data/imagenet ...    # <root>/train/<class>/*, <root>/val/<class>/*
+    torchrun --nproc-per-node 8 pretrain_vit.py ... (see examples/deit_small_imagenet.sh)
+
+The training loop is the one pretrain_gpt.py uses (selfmoe.training.trainer.pretrain); this file
+wires the vision pieces of selfmoe.training.vit into it.
+"""
+
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="Apex is not installed")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def demo_paths(args):
+    """The demo writes ./runs/<name> and ./checkpoints/<name> unless told otherwise."""
+    if not args.demo:
+        return
+    name = args.run_name or (f"vit-{args.moe_router_type}-{args.num_experts}e" if args.num_experts else "vit-dense")
+    if args.tensorboard_dir is None:
+        args.tensorboard_dir = os.path.join("runs", name)
+    if args.save is None:
+        args.save = os.path.join("checkpoints", name)
+
+
+def one_line(e: Exception) -> str:
+    """An ImageDataError's message, also when a DataLoader worker raised it (then it carries the
+    worker's traceback and the message is its last line)."""
+    text = str(e).strip().splitlines()
+    last = text[-1] if text else type(e).__name__
+    return last.split("ImageDataError: ", 1)[-1]
+
+
+def main(argv=None):
+    from functools import partial
+
+    from selfmoe.training.arguments import ArgumentError, args_to_config, fail, parse_args
+    from selfmoe.training.vit import (LOSS_NAME, VIT_DEMO_DEFAULTS, add_vision_args, prepare_vision_args,
+                                      validate_vision_data)
+
+    args = parse_args(argv, demo_defaults=VIT_DEMO_DEFAULTS, extra_args_provider=add_vision_args,
+                      prepare_args=prepare_vision_args, validate_data=validate_vision_data)
+    demo_paths(args)
+    try:
+        config = args_to_config(args)
+    except ArgumentError as e:
+        fail(str(e))
+    from selfmoe.data.images import ImageDataError
+    from selfmoe.training import vit
+    from selfmoe.training.checkpointing import CheckpointError
+    from selfmoe.training.trainer import TrainingDiverged, pretrain
+
+    try:
+        return pretrain(args, config, partial(vit.model_provider, args), partial(vit.forward_step, args),
+                        vit.datasets_provider, loss_name=LOSS_NAME, throughput_unit="images",
+                        eval_metrics=("top-1", "top-5"))
+    except CheckpointError as e:
+        fail(str(e))
+    except ImageDataError as e:
+        fail(one_line(e))
+    except TrainingDiverged as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer processes re-import __main__
+    main()
