@@ -12,12 +12,13 @@ wires the vision pieces of selfmoe.training.vit into it.
 
 import os
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-warnings.filterwarnings("ignore", message="Apex is not installed")
-warnings.filterwarnings("ignore", message="full scope is deprecated")
-warnings.filterwarnings("ignore", category=FutureWarning)
+# The entry-script pieces both models share (warning filters, helpers that exit with the trainer);
+# a light import: pretrain_gpt.py imports torch/megatron only inside its main().
+from pretrain_gpt import exit_with_parent
+
+if __name__ == "__mp_main__":  # a helper process spawned by the trainer (see exit_with_parent)
+    exit_with_parent()
 
 
 def demo_paths(args):
@@ -55,14 +56,14 @@ def main(argv=None):
         fail(str(e))
     from selfmoe.data.images import ImageDataError
     from selfmoe.training import vit
-    from selfmoe.training.checkpointing import CheckpointError
+    from selfmoe.training.errors import InputError
     from selfmoe.training.trainer import TrainingDiverged, pretrain
 
     try:
         return pretrain(args, config, partial(vit.model_provider, args), partial(vit.forward_step, args),
                         vit.datasets_provider, loss_name=LOSS_NAME, throughput_unit="images",
                         eval_metrics=("top-1", "top-5"))
-    except CheckpointError as e:
+    except InputError as e:  # any file the user gave: checkpoint, DeepSpeed JSON
         fail(str(e))
     except ImageDataError as e:
         fail(one_line(e))

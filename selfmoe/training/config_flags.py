@@ -134,6 +134,10 @@ DOMAINS = {
     "routing_free_mu": _UNIT, "tensorboard_log_interval": _POS, "train_samples": _POS, "lr_decay_samples": _POS,
     "lr_warmup_samples": _NONNEG, "lr_wsd_decay_iters": _POS, "lr_wsd_decay_samples": _POS,
     "exit_duration_in_mins": _POS,
+    # pretrain_vit.py's flags (selfmoe/training/vit.py)
+    "num_workers": _NONNEG, "img_h": _POS, "img_w": _POS, "smoothing": (0, True, 1, False), "mixup": _NONNEG,
+    "cutmix": _NONNEG, "mixup_prob": _UNIT, "mixup_switch_prob": _UNIT, "drop_path": _UNIT, "color_jitter": _NONNEG,
+    "reprob": _UNIT, "repeated_aug": _POS, "train_crop_scale": _PROB, "hflip": _UNIT, "crop_pct": _PROB,
     # derived fields whose name does not say it
     "glu_linear_offset": (None, False, None, False), "qk_clip_alpha": _PROB, "mtp_loss_scaling_factor": _NONNEG,
 }

@@ -98,5 +98,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert _error(flags + ["--tokenizer-type", "GPT2BPETokenizer"], capsys) == \
         "error: --tokenizer-type has no meaning for pretrain_vit.py"
     assert "--patch-dim 5" in _error(TINY + ["--patch-dim", "5"], capsys)
+    # the vision flags have domains too (TINY's --num-workers 0 is in range: data read in-process)
+    assert _error(TINY + ["--smoothing", "1"], capsys) == "error: --smoothing must be in [0, 1) (got 1)"
+    assert _error(TINY + ["--num-workers", "-1"], capsys) == "error: --num-workers must be >= 0 (got -1)"
     assert "--moe-layer-freq" in _error(TINY + ["--train-iters", "3"] + ROUTERS["self"][:4] + ["--moe-layer-freq", "[1,0,1]"],
                                         capsys)
