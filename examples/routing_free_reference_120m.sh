@@ -2,10 +2,10 @@
 # The Routing-Free MoE authors' 120M recipe (RoutingFreeMoE@9cce561: pretrain.sh, 120M.config.json,
 # init.py) in one flag, `--routing-free-preset reference`: theta 0.2, rho* 0.25, eta 0.2 with the
 # quadratic lambda rule updated every micro-batch, mu 0.5, rank 16, 12 experts of width 128, gate
-# scale 1 and bias 1e-6 at init, SiLU AoE experts (--swiglu), N(0, 0.02) init, lambda0 1e-5; around
+# scale 1 and bias 1e-6 at init, SiLU AoE experts (--swiglu), N(0, 0.02) init, lambda0 1e-5, the
+# first layer dense (--moe-layer-freq "([0]+[1]*(L-1))" unless given); around
 # it their 12 layers of width 512, sequence 512, AdamW lr 5e-4, weight decay 0.01, bf16.
-# Differences that remain (Megatron GPT attention instead of MLA, every layer MoE instead of the
-# first one dense, ...) are in README.md, "Routing-Free MoE: the loss and the authors' code".
+# Differences that remain (Megatron GPT attention instead of MLA, ...) are in README.md, "Routing-Free MoE: the loss and the authors' code".
 #
 #   DATA_PATH=... bash examples/routing_free_reference_120m.sh
 #   SIZE=toy GPUS_PER_NODE=2 bash examples/routing_free_reference_120m.sh      # a few steps on a CPU box

@@ -295,6 +295,8 @@ def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None
 
         parser.set_defaults(**ROUTING_FREE_PRESETS[preset])
     args = parser.parse_args(argv)
+    if preset == "reference" and args.num_layers and not any(a.split("=")[0] == "--moe-layer-freq" for a in argv):
+        args.moe_layer_freq = f"([0]+[1]*{args.num_layers - 1})"  # the reference's first layer is dense
     if demo and any(a.split("=")[0] in ("--lr-warmup-iters", "--lr-warmup-samples") for a in argv):
         args.lr_warmup_fraction = None  # an explicit warmup replaces the demo's warmup fraction
     if demo and any(a.split("=")[0] == "--train-samples" for a in argv):

@@ -259,7 +259,9 @@ def test_reference_preset_builds_the_reference_moe_shape(mp):
                        "--mock-data", "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
                        "--lr", "5e-4", "--vocab-size", "128"])
     cfg = args_to_config(args)
-    layer = moe_layers(build_gpt_model(cfg))[0]
+    model = build_gpt_model(cfg)
+    assert len(moe_layers(model)) == 1 and cfg.moe_layer_freq == [0, 1]  # the first layer is dense
+    layer = moe_layers(model)[0]
     n = sum(p.numel() for p in layer.router.parameters()) + sum(p.numel() for p in layer.experts.parameters())
     H, r, F, E = 512, 16, 128, 12
     assert n == E * (H * r + r * F + H * F + F * H) + 2 * E == 1_695_768
