@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 
 import selfmoe  # noqa: F401  (applies the CPU compatibility layer before megatron is used)
-from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+
+from selfmoe.training.distributed import destroy_model_parallel, initialize_model_parallel
 
 
 def free_port() -> int:
@@ -29,9 +30,9 @@ def ensure_world1():
 def mp():
     """Model-parallel state for one rank; seeds Megatron's RNG tracker and torch."""
     ensure_world1()
-    ps.destroy_model_parallel()
-    ps.initialize_model_parallel(1, 1)
+    destroy_model_parallel()
+    initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
     yield
-    ps.destroy_model_parallel()
+    destroy_model_parallel()  # and its process groups: they would pile up over the session

@@ -61,6 +61,8 @@ def init_one_rank(seed: int = 0) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
+    from selfmoe.training.distributed import destroy_model_parallel, initialize_model_parallel
+
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "WORLD_SIZE" not in os.environ or "MASTER_PORT" not in os.environ:  # not under torchrun: a free port
@@ -68,8 +70,8 @@ def init_one_rank(seed: int = 0) -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
     if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() != 1 \
             or ps.get_pipeline_model_parallel_world_size() != 1 or ps.get_expert_model_parallel_world_size() != 1:
-        ps.destroy_model_parallel()
-        ps.initialize_model_parallel(1, 1)
+        destroy_model_parallel()
+        initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 

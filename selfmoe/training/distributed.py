@@ -31,6 +31,36 @@ def backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
+_megatron_groups: set = set()  # process groups created by initialize_model_parallel below
+
+
+def _live_groups() -> set:
+    return set(dist.distributed_c10d._world.pg_map)
+
+
+def initialize_model_parallel(*args, **kwargs) -> None:
+    """Megatron-Core's initialize_model_parallel, remembering the process groups it creates.
+
+    megatron-core's destroy_model_parallel only drops its references; torch keeps every subgroup
+    (a gloo group: two threads) alive until it is destroyed, so a process that initialises again
+    and again under a long-lived world group (tests, in-process tools) piles them up -- 10,000
+    threads after a few hundred tests, and a machine at load 1,000. destroy_model_parallel below
+    destroys them.
+    """
+    before = _live_groups()
+    parallel_state.initialize_model_parallel(*args, **kwargs)
+    _megatron_groups.update(_live_groups() - before)
+
+
+def destroy_model_parallel() -> None:
+    """Megatron-Core's destroy_model_parallel, then the process groups it had created."""
+    parallel_state.destroy_model_parallel()
+    for group in _megatron_groups:
+        if group in _live_groups():  # destroying one group can take others with it
+            dist.destroy_process_group(group)
+    _megatron_groups.clear()
+
+
 def init_distributed(args, timeout_minutes: int = 10) -> None:
     """torchrun's env:// group if launched by it (MASTER_ADDR/PORT from the launcher), else a
     world-size-1 gloo group on a free local port; then Megatron's groups and micro-batch calculator.
@@ -52,10 +82,10 @@ def init_distributed(args, timeout_minutes: int = 10) -> None:
     if dist.get_world_size() != args.world_size:
         raise RuntimeError(f"world size {dist.get_world_size()} differs from the validated {args.world_size}")
     # Leftovers of an earlier run in this process (tests) would make Megatron refuse to re-initialise.
-    parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     destroy_num_microbatches_calculator()
     _clear_moe_state()
-    parallel_state.initialize_model_parallel(
+    initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
@@ -83,7 +113,7 @@ def destroy_distributed() -> None:
     global _owns_process_group
     _clear_moe_state()
     destroy_num_microbatches_calculator()
-    parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     if _owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
         _owns_process_group = False
