@@ -50,7 +50,8 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     if not args.data_path:
-        p.set_defaults(**{k: v for k, v in VIT_DEMO_DEFAULTS.items() if k in vars(args)})
+        # the demo's data/model settings; not its schedule (the bench's own short --train-iters)
+        p.set_defaults(**{k: v for k, v in VIT_DEMO_DEFAULTS.items() if k in vars(args) and k != "train_iters"})
         args = p.parse_args()
     if args.img:
         args.img_h = args.img_w = args.img

@@ -411,6 +411,8 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
         args.ignored_flags = []
     from selfmoe.training import config_flags
 
+    if args.num_experts == 0:  # --num-experts 0: the dense model (turns off a demo's or preset's experts)
+        args.num_experts = None
     config_flags.validate_megatron_flags(args, ArgumentError)
     _validate_optimizer_sharding(args)
     _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr")
@@ -472,8 +474,6 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
         args.expert_tensor_parallel_size = tp
 
     # mixture of experts
-    if args.num_experts == 0:
-        args.num_experts = None
     E, k, ep, etp = args.num_experts, args.moe_router_topk, args.expert_model_parallel_size, args.expert_tensor_parallel_size
     if E is None:
         if ep > 1:

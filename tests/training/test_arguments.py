@@ -225,6 +225,7 @@ def test_megatron_gpt3_launch_script_parses(tmp_path):
     assert args.tokenizer_type == "GPT2BPETokenizer"
     assert args.padded_vocab_size == 51200  # 50257 padded to a multiple of 128 * 8
     assert args.num_experts is None and args.ffn_hidden_size == 4 * 12288
+    assert parse(["--num-experts", "0"]).num_experts is None  # 0 = dense: turns a demo's experts off
     assert args_to_config(args).num_moe_experts is None
 
 
