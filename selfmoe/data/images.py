@@ -412,6 +412,9 @@ class ImageBatchIterator:
         self.loader = iter(torch.utils.data.DataLoader(
             _Positions(dataset, mbs, dp_rank, dp_size, consumed_samples, limit), batch_size=None,
             num_workers=nw, prefetch_factor=2 if nw else None, persistent_workers=False,
+            # workers start from a clean forkserver, not a fork of the trainer: forking a process that
+            # holds gloo/NCCL threads and in-process state can crash the child (seen in the tests)
+            multiprocessing_context="forkserver" if nw else None,
             # its own generator: DataLoader draws its workers' base seed from it, which would otherwise
             # consume the global torch RNG (drop path) whenever an iterator starts (resume, validation)
             generator=torch.Generator().manual_seed(dataset.seed)))
