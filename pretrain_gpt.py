@@ -48,11 +48,12 @@ if __name__ == "__mp_main__":  # a helper process spawned by the trainer (see ex
     exit_with_parent()
 
 
-def demo_paths(args):
+def demo_paths(args, family: str = "gpt"):
     """The demo writes ./runs/<name> and ./checkpoints/<name> unless told otherwise."""
     if not args.demo:
         return
-    name = args.run_name or (f"gpt-{args.moe_router_type}-{args.num_experts}e" if args.num_experts else "gpt-dense")
+    moe = f"{args.moe_router_type}-{args.num_experts}e" if args.num_experts else "dense"
+    name = args.run_name or f"{family}-{moe}"
     if args.tensorboard_dir is None:
         args.tensorboard_dir = os.path.join("runs", name)
     if args.save is None:

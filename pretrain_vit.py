@@ -15,21 +15,10 @@ import sys
 
 # The entry-script pieces both models share (warning filters, helpers that exit with the trainer);
 # a light import: pretrain_gpt.py imports torch/megatron only inside its main().
-from pretrain_gpt import exit_with_parent
+from pretrain_gpt import demo_paths, exit_with_parent
 
 if __name__ == "__mp_main__":  # a helper process spawned by the trainer (see exit_with_parent)
     exit_with_parent()
-
-
-def demo_paths(args):
-    """The demo writes ./runs/<name> and ./checkpoints/<name> unless told otherwise."""
-    if not args.demo:
-        return
-    name = args.run_name or (f"vit-{args.moe_router_type}-{args.num_experts}e" if args.num_experts else "vit-dense")
-    if args.tensorboard_dir is None:
-        args.tensorboard_dir = os.path.join("runs", name)
-    if args.save is None:
-        args.save = os.path.join("checkpoints", name)
 
 
 def one_line(e: Exception) -> str:
@@ -49,7 +38,7 @@ def main(argv=None):
 
     args = parse_args(argv, demo_defaults=VIT_DEMO_DEFAULTS, extra_args_provider=add_vision_args,
                       prepare_args=prepare_vision_args, validate_data=validate_vision_data)
-    demo_paths(args)
+    demo_paths(args, "vit")
     try:
         config = args_to_config(args)
     except ArgumentError as e:
