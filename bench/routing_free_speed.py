@@ -7,7 +7,7 @@ about 1.1 (the gate's [T, E*r] projection and the AoE r x F factor). Not a test:
 shared CPU are noisy; only ratios from one run mean anything.
 
     .venv/bin/python bench/routing_free_speed.py                 # T=4096 H=512 F=1024 E=8 k=2 r=32, GELU
-    .venv/bin/python bench/routing_free_speed.py --clock cpu      # CPU time: steadier on a shared machine
+    .venv/bin/python bench/routing_free_speed.py --clock cpu --threads 1   # steady on a shared machine
     .venv/bin/python bench/routing_free_speed.py --tokens 1024 --repeats 5
 """
 
@@ -70,8 +70,12 @@ def main():
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: this process's CPU time (all threads), steadier than wall time on a shared machine")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's); 1 keeps CPU-time ratios steady on a busy machine")
     p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dist.init_process_group("gloo", rank=0, world_size=1)
     ps.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -87,19 +91,16 @@ def main():
     rho = match_density(layers["routing-free"].router, hidden.detach().reshape(T, H), k)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; T={T} H={H} F={a.ffn} E={E} k={k} "
           f"r={a.rank}, GELU, {a.clock} clock; routing-free density {rho:.4f} (top-k: {k / E:.4f})")
-    rf = layers["routing-free"]
-
-    def recompute_step():  # the experts compute x A_e themselves (as under EP/TP > 1)
-        rf.experts.reuse_projection = rf.router.keep_projection = False
-        layer_step(rf, hidden)()
-        rf.experts.reuse_projection = rf.router.keep_projection = True
-
     fns = {r: layer_step(layer, hidden) for r, layer in layers.items()}
-    fns["recompute"] = recompute_step
     t = timeit(fns, a.repeats, time.perf_counter if a.clock == "wall" else time.process_time)
     print(f"MoE layer learned      {t['learned'] * 1e3:8.1f} ms   1.00x")
     print(f"MoE layer routing-free {t['routing-free'] * 1e3:8.1f} ms   {t['routing-free'] / t['learned']:.2f}x")
-    print(f"  same, experts recompute x A_e {t['recompute'] * 1e3:8.1f} ms   {t['recompute'] / t['learned']:.2f}x")
+    # multiply-adds of the forward (backward scales alike): experts' FFN vs the gate's x A for all
+    # experts, each expert's x A_e on its own tokens, and the AoE r x F factor
+    pairs, F, r = T * k, a.ffn, a.rank
+    ffn = pairs * 2 * H * F + T * H * E
+    aoe = pairs * 2 * H * F + T * H * E * r + pairs * H * r + pairs * r * F
+    print(f"by multiply-adds: {aoe / ffn:.3f}x")
     print(f"ratio routing-free/learned: {t['routing-free'] / t['learned']:.3f} (goal <= 1.15)")
 
 

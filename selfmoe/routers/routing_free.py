@@ -9,7 +9,9 @@
       loss = lambda * (mu * L_EB + (1 - mu) * L_TB)
   added with a coefficient lambda that follows the GLOBAL density of all MoE layers
   (`update_balance_coefficient`; rule "sign" or the reference's "quadratic").
-- AoE experts: E_i(x) = (act(x A_i B_i) * (x W_up,i)) W_down,i reuse the gate's A_i.
+- AoE experts: E_i(x) = (act(x A_i B_i) * (x W_up,i)) W_down,i share the gate's A_i; each expert
+  computes x A_i for its own tokens (the gate's [T, E*r] product is not reused: reusing it changes
+  the float rounding, and saves ~2% of the layer's time; bench/routing_free_speed.py).
 """
 
 from __future__ import annotations
@@ -136,8 +138,6 @@ class RoutingFreeRouter(MegatronModule):
         self.register_buffer("pair_count", torch.zeros(1, dtype=torch.float64), persistent=False)
         # Alone until `link_routers` joins the layers of a model into one loss.
         object.__setattr__(self, "chunk", _Chunk([self], 1))
-        self.keep_projection = False
-        self.last_projection = (None, None)
 
     def set_layer_number(self, layer_number: int):
         self.layer_number = layer_number
@@ -156,10 +156,10 @@ class RoutingFreeRouter(MegatronModule):
         E, H, r = self.gate_proj.shape
         return x.to(self.gate_proj.dtype) @ self.gate_proj.permute(1, 0, 2).reshape(H, E * r)
 
-    def gates(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        """G [T, E] (float32) for tokens x [T, H]; `z` = `project(x)` if already computed."""
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """G [T, E] (float32) for tokens x [T, H]."""
         E, H, r = self.gate_proj.shape
-        z = self.project(x) if z is None else z
+        z = self.project(x)
         norm = torch.linalg.vector_norm(z.view(-1, E, r), dim=-1, dtype=torch.float32)
         return torch.relu(self.gate_scale * norm - self.gate_bias)
 
@@ -167,13 +167,10 @@ class RoutingFreeRouter(MegatronModule):
         """input [s, b, H]; padding_mask [s, b] bool, True = padding (Megatron-Core's router
         convention): padding tokens are routed but count in neither the loss nor the density."""
         x = input.reshape(-1, input.shape[-1])
-        z = self.project(x)
-        gates = self.gates(x, z)
+        gates = self.gates(x)
         routing_map = gates >= self.theta
         fired = routing_map.to(gates.dtype)
         probs = gates * fired
-        if self.keep_projection:  # for AoE experts that reuse x A (see AoEExperts.forward)
-            object.__setattr__(self, "last_projection", (z, routing_map))
         if self.training and torch.is_grad_enabled():
             valid = (torch.ones_like(gates[:, 0]) if padding_mask is None
                      else (~padding_mask.reshape(-1).bool()).to(gates.dtype))
@@ -273,10 +270,6 @@ class AoEExperts(MegatronModule):
             p.tensor_model_parallel = etp > 1
             p.partition_dim = dim
         self.activation_func = config.activation_func
-        # set by prepare_layers: tokens stay on this rank (EP = TP = 1, no capacity padding), so
-        # the router's x A for all experts can be permuted alongside the tokens instead of
-        # recomputed per expert
-        self.reuse_projection = False
         self._router = None
         self._local_ids: list[int] = []
 
@@ -289,23 +282,15 @@ class AoEExperts(MegatronModule):
         if self._router is None:
             raise RuntimeError("AoEExperts need the Routing-Free router's gates (attach_gate)")
         splits = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
-        xa = None
-        z, routing_map = getattr(self._router, "last_projection", (None, None))
-        object.__setattr__(self._router, "last_projection", (None, None))
-        if self.reuse_projection and z is not None and sum(splits) == hidden.shape[0]:
-            # row j of xa is the gate's x A_e of the token in row j of `hidden`, e its expert
-            xa = _permute_projection(z, routing_map)
         outs = []
         # unbind, not [j]: indexing a parameter per expert costs a zero-filled full-size gradient
         # per expert in backward (E^2 memory traffic); unbind's backward is one stack.
         gate = self._router.gate_proj.unbind(0)
         ups, gate_ups, downs = self.up_proj.unbind(0), self.gate_up.unbind(0), self.down_proj.unbind(0)
         # Every local expert runs, even on 0 tokens: ZeRO and DDP expect grads for all of them.
-        xas = torch.split(xa, splits) if xa is not None else [None] * len(splits)
-        for j, (x, p, xa_j) in enumerate(zip(torch.split(hidden, splits), torch.split(probs, splits), xas)):
-            if xa_j is None:
-                xa_j = x @ gate[self._local_ids[j]].to(x.dtype)
-            h = self.activation_func(xa_j.to(x.dtype) @ gate_ups[j]) * (x @ ups[j].t())
+        for j, (x, p) in enumerate(zip(torch.split(hidden, splits), torch.split(probs, splits))):
+            xa = x @ gate[self._local_ids[j]].to(x.dtype)
+            h = self.activation_func(xa @ gate_ups[j]) * (x @ ups[j].t())
             # G scales the expert's output; applied after W_down (H wide, not F wide; same by linearity)
             outs.append((h @ downs[j].t()) * p.unsqueeze(-1).to(h.dtype))
         return torch.cat(outs, dim=0), None
@@ -322,14 +307,6 @@ class AoEExperts(MegatronModule):
                 f"{prefix}{name}", p, *offsets, replica_id=(0, 0, self.expt_dp_group.rank()), prepend_axis_num=P
             )
         return out
-
-
-def _permute_projection(z, routing_map):
-    """z [T, E*r] -> [routed pairs, r]: each routed (token t, expert e) pair's block x_t A_e, in the
-    row order of Megatron-Core's `permute` (expert-major, tokens ascending within an expert)."""
-    T, E = routing_map.shape
-    e, t = routing_map.t().nonzero(as_tuple=True)
-    return z.reshape(T * E, -1).index_select(0, t * E + e)
 
 
 def prepare_layers(model) -> None:
@@ -362,9 +339,6 @@ def prepare_layers(model) -> None:
         if isinstance(layer.experts, AoEExperts):
             ex = layer.experts
             ex.attach_gate(layer.router, layer.local_expert_indices)
-            ex.reuse_projection = layer.router.keep_projection = (
-                ex.ep_group.size() == 1 and ex.expt_tp_group.size() == 1 and layer.router.tp_cp_group.size() == 1
-                and layer.config.moe_expert_capacity_factor is None)
         dispatcher = layer.token_dispatcher
         if isinstance(dispatcher, MoEAlltoAllTokenDispatcher) and not getattr(dispatcher, "_variable_k", False):
             dispatcher.preprocess = _variable_k_preprocess(dispatcher, dispatcher.preprocess)

@@ -38,6 +38,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe import moe_utils
 
 from selfmoe.metrics import RoutingStats, parameter_counts
+from selfmoe.routers.routing_free import num_moe_layers
 from selfmoe.training import checkpointing
 from selfmoe.training.arguments import train_valid_test_num_samples
 from selfmoe.training.data import MicroBatchIterator
@@ -188,7 +189,8 @@ def moe_aux_losses(config) -> dict:
     if not names:
         return {}
     moe_utils.reduce_aux_losses_tracker_across_ranks(names)
-    out = {n: float(tracker[n]["values"].float().sum()) / (config.num_layers * get_num_microbatches()) for n in names}
+    layers = num_moe_layers(config)  # not num_layers: dense layers (--moe-layer-freq) log nothing
+    out = {n: float(tracker[n]["values"].float().sum()) / (layers * get_num_microbatches()) for n in names}
     moe_utils.clear_aux_losses_tracker()
     return out
 

@@ -422,26 +422,3 @@ def test_balance_loss_is_exact_under_ep2_and_tp2_sp(tmp_path):
         assert len(res) == 2
         for name, (dv, dg, gmax) in res.items():
             assert dv < 1e-6 and dg < 1e-6 and gmax > 1e-3, (rank, name, dv, dg, gmax)
-
-
-@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
-def test_aoe_experts_reuse_the_gate_projection(mp, dispatcher):
-    """EP = TP = 1: the experts take x A_e from the router (permuted like the tokens) instead of
-    recomputing it; output and every gradient equal the recomputing path to float32 rounding (the
-    [T, H] x [H, E*r] product rounds differently from the per-expert [n_e, H] x [H, r] ones)."""
-    cfg = tiny_config("routing-free", moe_token_dispatcher_type=dispatcher, routing_free_lambda0=0.3)
-    layer = moe_layers(build_gpt_model(cfg))[0]
-    assert layer.experts.reuse_projection and layer.router.keep_projection
-    hidden = torch.randn(8, 2, cfg.hidden_size)
-    hidden[0, 0] = 0.0
-
-    def run(reuse):
-        layer.experts.reuse_projection = layer.router.keep_projection = reuse
-        layer.zero_grad()
-        x = hidden.clone().requires_grad_(True)
-        out, _ = layer(x)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        return [out.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
-
-    for a, b in zip(run(True), run(False)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

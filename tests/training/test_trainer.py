@@ -195,3 +195,25 @@ def test_half_precision_trains_on_cpu(precision, capsys):
     assert half["skipped_iterations"] == 0
     assert [half["losses"][i] for i in range(1, 5)] == pytest.approx([ref["losses"][i] for i in range(1, 5)], rel=1e-2)
     assert [half["losses"][i] for i in range(2, 5)] != [ref["losses"][i] for i in range(2, 5)]
+
+
+def test_logged_aux_loss_is_the_mean_over_moe_layers_not_all_layers(mp):
+    """With --moe-layer-freq 2 only layers 1 and 3 of 4 are MoE layers: the logged load-balancing
+    loss is the mean of their two values (dense layers record nothing), per micro-batch."""
+    from megatron.core.num_microbatches_calculator import (destroy_num_microbatches_calculator,
+                                                           init_num_microbatches_calculator)
+    from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+    from selfmoe.config import make_config
+    from selfmoe.training.trainer import moe_aux_losses
+
+    cfg = make_config("gpt2", num_layers=4, hidden_size=32, num_attention_heads=4, num_moe_experts=4,
+                      moe_router_topk=2, moe_layer_freq=2, vocab_size=64, seq_length=8)
+    init_num_microbatches_calculator(0, None, 4, 2, 1)  # 2 micro-batches of 2
+    try:
+        for layer, value in ((1, 0.2), (3, 0.4)):
+            for _ in range(2):  # one record per micro-batch
+                save_to_aux_losses_tracker("load_balancing_loss", torch.tensor(value), layer, cfg.num_layers)
+        assert moe_aux_losses(cfg)["load_balancing_loss"] == pytest.approx(0.3)
+    finally:
+        destroy_num_microbatches_calculator()
