@@ -57,6 +57,11 @@ DEMO_DEFAULTS = dict(
     hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False, init_method_std=0.02,
     log_interval=25, eval_interval=100, eval_iters=4, tokenizer_type="GPT2BPETokenizer",
 )
+# With --moe-router-type routing-free: the paper's lambda controller (lambda0 = 1e-10, eta = 0.02,
+# sign rule) needs ~1,000 steps before lambda matters; a few-minute run needs the authors' quadratic
+# rule with a faster start to bring the density to its target (README "Routing-Free MoE").
+ROUTING_FREE_DEMO_DEFAULTS = dict(routing_free_lambda_rule="quadratic", routing_free_eta=0.2, routing_free_lambda0=1e-3)
+DEMO_DEFAULTS.update(ROUTING_FREE_DEMO_DEFAULTS)
 
 
 class ArgumentError(ValueError):
@@ -304,6 +309,12 @@ def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None
     args.demo = demo
     args.ignored_flags = getattr(args, "ignored_flags", None) or []
     args.notes = []  # adjustments validation made, printed once at start
+    if demo and args.moe_router_type == "routing-free" and not preset:
+        demo_rf = {k: v for k, v in ROUTING_FREE_DEMO_DEFAULTS.items() if getattr(args, k) == v}
+        if demo_rf:
+            args.notes.append("demo: routing-free lambda controller " + ", ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in demo_rf.items()) +
+                " (the paper's lambda0 1e-10 / eta 0.02 / sign rule act only after ~1,000 steps)")
     for k, v in (defaults or {}).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)

@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from selfmoe.training.arguments import ArgumentError
+from selfmoe.training.arguments import ROUTING_FREE_DEMO_DEFAULTS, ArgumentError
 
 LOSS_NAME = "loss"
 
@@ -29,6 +29,7 @@ VIT_DEMO_DEFAULTS = dict(
     weight_decay=0.05, adam_beta2=0.98, hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
     init_method_std=0.05, log_interval=50, eval_interval=300, eval_iters=40, num_workers=1,
     smoothing=0.0, color_jitter=0.0, train_crop_scale=1.0, crop_pct=1.0, train_interpolation="bilinear",
+    **ROUTING_FREE_DEMO_DEFAULTS,
 )
 
 # GPT data/tokenizer flags that mean nothing for an image classifier: refused, not dropped.
