@@ -125,10 +125,11 @@ def text_source(data_path: str | None, run_args: dict) -> str:
                           "a .txt/.jsonl file")
 
 
-def text_batches(source: str, tokenizer, vocab_size: int, seq: int, mbs: int, n: int) -> list[Batch]:
-    """Up to n batches of mbs sequences of seq tokens: the last tokens of an indexed dataset (where
-    Megatron's --split puts validation), or the first of a text/jsonl file (documents joined by EOD)."""
-    need = n * mbs * seq + 1
+def text_batches(source: str, tokenizer, vocab_size: int, seq: int, mbs: int, sequences: int) -> list[Batch]:
+    """Up to `sequences` sequences of seq tokens in batches of mbs: the last tokens of an indexed
+    dataset (where Megatron's --split puts validation), or the first of a text/jsonl file
+    (documents joined by EOD). Fewer if the data is shorter; none is a ConversionError."""
+    need = sequences * seq + 1
     if os.path.isfile(source + ".idx"):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -165,7 +166,7 @@ def text_batches(source: str, tokenizer, vocab_size: int, seq: int, mbs: int, n:
         raise ConversionError(f"--data-path {source}: fewer than --seq-length + 1 = {seq + 1} tokens")
     t = torch.from_numpy(tokens)
     x, y = t[: rows * seq].view(rows, seq), t[1: rows * seq + 1].view(rows, seq)
-    return [Batch(x[i:i + mbs], y[i:i + mbs], x[i:i + mbs]) for i in range(0, rows, mbs)][:n]
+    return [Batch(x[i:i + mbs], y[i:i + mbs], x[i:i + mbs]) for i in range(0, rows, mbs)]
 
 
 def image_batches(run_args: dict, data_path: str | None, mbs: int, n: int) -> tuple[list[Batch], list[str], str]:
@@ -351,8 +352,9 @@ def top1_category(routed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.where(routed.any(1), top, torch.full_like(top, E))
 
 
-def _record(a: RoutingAnalysis, maps: dict, batch: Batch, num_classes: int | None, trace_limit: int,
-            batch_index: int) -> None:
+def _record(a: RoutingAnalysis, maps: dict, batch: Batch, trace_limit: int, batch_index: int) -> None:
+    """Add one batch's routing (maps from RoutingRecorder) to `a`; trace rows: text {batch,
+    sequence, position, token, layer, experts, weights}, images the image's class for the token."""
     b, s = batch.keys.shape
     keys = batch.keys.t().reshape(-1).long()  # s-major, as the MoE layer flattens [s, b, H]
     E = a.num_experts
@@ -375,12 +377,12 @@ def _record(a: RoutingAnalysis, maps: dict, batch: Batch, num_classes: int | Non
             if len(a.trace) >= trace_limit * len(a.layer_numbers):
                 return
             t = pos * b + seq
+            who = {"token": int(keys[t])} if a.by_class is None else {"class": int(batch.labels[seq])}
             for ln in a.layer_numbers:
                 routed, weights = maps[ln]
                 experts = routed[t].nonzero().flatten().tolist()
-                a.trace.append({"batch": batch_index, "sequence": seq, "position": pos, "token": int(keys[t]),
-                                "layer": ln, "experts": experts,
-                                "weights": [round(float(weights[t, e]), 6) for e in experts]})
+                a.trace.append({"batch": batch_index, "sequence": seq, "position": pos, **who, "layer": ln,
+                                "experts": experts, "weights": [round(float(weights[t, e]), 6) for e in experts]})
 
 
 def forward_loss(model, family: str, batch: Batch) -> tuple[float, int, int]:
@@ -421,7 +423,7 @@ def analyze(model, family: str, batches: list[Batch], num_keys: int, num_classes
             a.loss_sum += loss
             a.loss_count += n
             a.correct += hits
-            _record(a, rec.maps, batch, num_classes, trace_tokens, i)
+            _record(a, rec.maps, batch, trace_tokens, i)
     finally:
         rec.remove()
     return a

