@@ -400,11 +400,12 @@ def forward_loss(model, family: str, batch: Batch) -> tuple[float, int, int]:
 
 @torch.no_grad()
 def analyze(model, family: str, batches: list[Batch], num_keys: int, num_classes: int | None = None,
-            trace_tokens: int = 0) -> RoutingAnalysis:
+            trace_tokens: int = 0, progress=None) -> RoutingAnalysis:
     """Run `batches` through `model` (eval mode, no grad) and measure its routing.
 
     family: "text" or "images"; num_keys: vocabulary size (text) or tokens per image (images);
-    trace_tokens: how many tokens (each with one row per MoE layer) the trace keeps.
+    trace_tokens: how many tokens (each with one row per MoE layer) the trace keeps;
+    progress(done, total, tokens_done): called after each batch.
     Raises ConversionError if the model has no MoE layer.
     """
     model.eval()
@@ -424,15 +425,18 @@ def analyze(model, family: str, batches: list[Batch], num_keys: int, num_classes
             a.loss_count += n
             a.correct += hits
             _record(a, rec.maps, batch, trace_tokens, i)
+            if progress is not None:
+                progress(i + 1, len(batches), sum(b.keys.numel() for b in batches[:i + 1]))
     finally:
         rec.remove()
     return a
 
 
 @torch.no_grad()
-def theta_sweep(model, family: str, batches: list[Batch], thetas: list[float]) -> list[dict]:
+def theta_sweep(model, family: str, batches: list[Batch], thetas: list[float], progress=None) -> list[dict]:
     """Routing-Free θ at evaluation (Liu et al. 2026, arXiv 2604.00801): for each θ, the mean loss
-    and the mean experts per token (RoutingStats' measure) on `batches`; θ is restored after."""
+    and the mean experts per token (RoutingStats' measure) on `batches`; θ is restored after.
+    progress(row) is called after each θ."""
     from selfmoe.metrics import RoutingStats
     from selfmoe.routers.routing_free import routing_free_routers, set_theta
 
@@ -454,6 +458,8 @@ def theta_sweep(model, family: str, batches: list[Batch], thetas: list[float]) -
             m = stats.reduce()
             rows.append(dict(theta=theta, loss=total / max(count, 1), experts_per_token=m["experts_per_token"],
                              density=m["density"]))
+            if progress is not None:
+                progress(rows[-1])
     finally:
         stats.remove()
         set_theta(model, original)
@@ -516,6 +522,9 @@ def plot_agreement(a: RoutingAnalysis, agreement: dict, path: str) -> None:
         ax.set_xlabel("layer")
         ax.set_ylabel("layer")
         ax.set_title(name, fontsize=9)
+        if len(labels) <= 8:
+            for (i, j), v in np.ndenumerate(m.numpy()):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -551,13 +560,14 @@ def top_table(a: RoutingAnalysis, counter: KeyExpertCounts, n: int, min_count: i
 
 
 def summary_text(a: RoutingAnalysis, agreement: dict, info: dict, sweep: list[dict] | None,
-                 top: list[dict]) -> str:
+                 tables: dict) -> str:
     from selfmoe.metrics import routing_metrics
 
     m = routing_metrics(a.counts, a.k_hist)
     L = [f"routing analysis of {info['checkpoint']} (iteration {info['iteration']}, {info['router']} router, "
          f"{a.num_experts} experts, MoE layers {','.join(map(str, a.layer_numbers))})",
-         f"data: {info['data']} | {info['batches']} batches, {info['tokens']:,} tokens"]
+         f"data: {info['data']} | {info['batches']} batches, {info['sequences']:,} "
+         f"{'sequences' if info['family'] == 'text' else 'images'}, {info['tokens']:,} tokens"]
     loss = f"{info['loss_name']} {a.loss:.4f}"
     if info["family"] == "text":
         loss += f" (PPL {math.exp(min(a.loss, 50)):.2f})"
@@ -577,10 +587,12 @@ def summary_text(a: RoutingAnalysis, agreement: dict, info: dict, sweep: list[di
         off = ~torch.eye(P, dtype=torch.bool)
         L.append(f"layer agreement (off-diagonal mean): same top-1 {float(agreement['same_top1'][off].mean()):.3f} | "
                  f"NMI {float(agreement['nmi'][off].mean()):.3f}")
-    first = next((r for r in top if r["top"]), None)
-    if first:
-        L.append(f"e.g. layer {first['layer']} expert {first['expert']} prefers: "
-                 + ", ".join(f"{t['name']!r} {t['score']:.2f}" for t in first["top"][:5]))
+    for kind, rows in tables.items():
+        first = next((r for r in rows if r["top"]), None)
+        if first:
+            L.append(f"e.g. layer {first['layer']} expert {first['expert']} prefers "
+                     f"({'tokens' if kind == 'by_key' and info['family'] == 'text' else kind[3:]}, share routed there): "
+                     + ", ".join(f"{t['name']!r} {t['score']:.2f}" for t in first["top"][:5]) + " (top_tokens.txt)")
     if sweep:
         L.append("θ sweep: " + " | ".join(f"θ={r['theta']:g}: loss {r['loss']:.4f}, experts/token "
                                           f"{r['experts_per_token']:.3f}" for r in sweep))
@@ -638,7 +650,7 @@ def write_outputs(out_dir: str, a: RoutingAnalysis, info: dict, key_name, class_
         numbers["top1_accuracy"] = a.correct / max(a.loss_count, 1)
     with open(os.path.join(out_dir, "routing.json"), "w") as f:
         json.dump(numbers, f, indent=1)
-    text = summary_text(a, agreement, info, sweep, top)
+    text = summary_text(a, agreement, info, sweep, tables)
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:
         f.write(text)
     return text

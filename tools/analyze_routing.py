@@ -19,8 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# megatron-core's import-time notes on a machine without TransformerEngine/Apex (as pretrain_gpt.py)
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="Apex is not installed")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def fail(msg: str):
@@ -99,13 +106,24 @@ def run(args) -> str:
         batches, classes, where = ra.image_batches(run_args, args.data_path, mbs, args.eval_iters)
         num_keys, key_name = ra.vit_seq(run_args), ra.patch_name(run_args)
     model, cfg = ra.load_analysis_model(ckpt, None, common)
+    start = time.time()
+
+    def progress(done, total, tokens):
+        rate = tokens / max(time.time() - start, 1e-9)
+        eta = (time.time() - start) * (total - done) / done
+        print(f"batch {done}/{total} | {rate:,.0f} tokens/s | ETA {eta:.0f}s", flush=True)
+
     a = ra.analyze(model, kind, batches, num_keys, num_classes=len(classes) if classes else None,
-                   trace_tokens=args.trace_tokens)
-    sweep = ra.theta_sweep(model, kind, batches, thetas) if thetas else None
+                   trace_tokens=args.trace_tokens, progress=progress)
+    sweep = None
+    if thetas:
+        sweep = ra.theta_sweep(model, kind, batches, thetas, progress=lambda r: print(
+            f"theta {r['theta']:g} | {r['loss']:.4f} | experts per token {r['experts_per_token']:.3f}", flush=True))
     info = {"checkpoint": ckpt, "iteration": common.get("iteration", 0), "router": cfg.moe_router_type,
             "family": kind, "data": where, "batches": len(batches),
             "tokens": sum(b.keys.numel() for b in batches),
-            "loss_name": "validation LM loss" if kind == "text" else "validation loss"}
+            "sequences": sum(len(b.keys) for b in batches),
+            "loss_name": "LM loss" if kind == "text" else "loss"}
     with atomic_output_dir(args.output, "--output") as tmp:
         text = ra.write_outputs(tmp, a, info, key_name, (lambda c: classes[c]) if classes else None, sweep,
                                 top_n=args.top_tokens, min_count=args.min_token_count if kind == "text" else 1)
