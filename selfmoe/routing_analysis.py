@@ -591,7 +591,8 @@ def summary_text(a: RoutingAnalysis, agreement: dict, info: dict, sweep: list[di
         first = next((r for r in rows if r["top"]), None)
         if first:
             L.append(f"e.g. layer {first['layer']} expert {first['expert']} prefers "
-                     f"({'tokens' if kind == 'by_key' and info['family'] == 'text' else kind[3:]}, share routed there): "
+                     f"({'classes' if kind == 'by_class' else 'tokens' if info['family'] == 'text' else 'patches'}, "
+                     f"share routed there): "
                      + ", ".join(f"{t['name']!r} {t['score']:.2f}" for t in first["top"][:5]) + " (top_tokens.txt)")
     if sweep:
         L.append("θ sweep: " + " | ".join(f"θ={r['theta']:g}: loss {r['loss']:.4f}, experts/token "
