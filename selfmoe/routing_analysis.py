@@ -294,7 +294,7 @@ class RoutingAnalysis:
     num_keys: int
     counts: torch.Tensor = None               # [P, E] routed token-expert pairs (float64)
     k_hist: torch.Tensor = None               # [P, E+1] tokens routed to k experts
-    joint: torch.Tensor = None                # [P, P, E+1, E+1] top-1 categories of a token in layers i, j
+    top1: list = field(default_factory=list)  # per batch [T, P] int16: each token's top-1 category per layer
     by_key: KeyExpertCounts = None            # token ids / patch positions
     by_class: KeyExpertCounts | None = None   # image classes (images only)
     trace: list = field(default_factory=list)
@@ -306,7 +306,6 @@ class RoutingAnalysis:
         P, E = len(self.layer_numbers), self.num_experts
         self.counts = torch.zeros(P, E, dtype=torch.float64)
         self.k_hist = torch.zeros(P, E + 1, dtype=torch.float64)
-        self.joint = torch.zeros(P, P, E + 1, E + 1, dtype=torch.float64)
         self.by_key = KeyExpertCounts(P, E, self.num_keys)
 
     @property
@@ -325,11 +324,14 @@ class RoutingAnalysis:
 
     def agreement(self) -> dict:
         """{'same_top1': [P, P], 'nmi': [P, P]} from the joint top-1 histograms (docstring above)."""
-        P = len(self.layer_numbers)
+        P, E = len(self.layer_numbers), self.num_experts
         same, nmi = torch.eye(P, dtype=torch.float64), torch.eye(P, dtype=torch.float64)
+        if not self.top1:
+            return {"same_top1": same, "nmi": nmi}
+        tops = torch.cat(self.top1).long()
         for i in range(P):
             for j in range(P):
-                J = self.joint[i, j]
+                J = torch.bincount(tops[:, i] * (E + 1) + tops[:, j], minlength=(E + 1) ** 2).view(E + 1, E + 1).double()
                 n = J.sum()
                 if n == 0:
                     continue
@@ -368,9 +370,7 @@ def _record(a: RoutingAnalysis, maps: dict, batch: Batch, trace_limit: int, batc
             classes = batch.labels.long().repeat(s)  # row t is sequence t % b
             a.by_class.add(p, routed, classes, count_freq=p == 0)
         tops.append(top1_category(routed, weights))
-    for i in range(len(tops)):
-        for j in range(len(tops)):
-            a.joint[i, j] += torch.bincount(tops[i] * (E + 1) + tops[j], minlength=(E + 1) ** 2).view(E + 1, E + 1)
+    a.top1.append(torch.stack(tops, 1).to(torch.int16))
     # trace: sequence by sequence, position by position, until the limit
     for seq in range(b):
         for pos in range(s):
