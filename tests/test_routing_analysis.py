@@ -38,7 +38,8 @@ def ckpts(tmp_path_factory):
         cfg = tiny_config(style="gpt2" if name == "dense" else "mixtral", num_layers=3, **kw)
         model = build_gpt_model(cfg).eval()
         save_checkpoint(str(root / name), 3, [model], None, None, cfg, consumed_train_samples=0,
-                        args_dict={"micro_batch_size": MBS, "seq_length": SEQ})
+                        args_dict={"micro_batch_size": MBS, "seq_length": SEQ, "tokenizer_type": "NullTokenizer",
+                                   "vocab_size": VOCAB - 1})  # ids 0..62, EOD 63
         out[name] = str(root / name)
     prefix = str(root / "corpus")
     b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
@@ -271,3 +272,23 @@ def test_vit_checkpoint_patches_and_classes(tmp_path):
     names = {t["name"] for row in tables["by_class"] for t in row["top"]}
     assert names <= {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                      "Ankle boot"} or names <= {str(i) for i in range(10)}, names
+
+
+def test_jsonl_text_through_the_runs_tokenizer(ckpts, tmp_path, capsys):
+    docs = [[5, 6, 7] * 7, [1, 2] * 20, [9] * 30]
+    path = tmp_path / "notes.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(map(str, d))}) + "\n" for d in docs))
+    analyze_routing.main(["--load", ckpts["learned"], "--data-path", str(path), "--output", str(tmp_path / "out"),
+                          "--eval-iters", "1", "--micro-batch-size", "2"])
+    ids = [t for d in docs for t in d + [VOCAB - 1]]  # documents joined by the tokenizer's EOD
+    trace = [r for r in read_trace(tmp_path / "out") if r["layer"] == 1]
+    assert [r["token"] for r in trace] == ids[:2 * SEQ]
+    top = json.loads((tmp_path / "out" / "top_tokens.json").read_text())["by_key"]
+    assert {t["name"] for row in top for t in row["top"]} <= {str(i) for i in ids}  # decoded by the tokenizer
+    capsys.readouterr()
+    path.write_text('{"text": "1 2"}\n{"text": oops}\n')
+    with pytest.raises(SystemExit):
+        analyze_routing.main(["--load", ckpts["learned"], "--data-path", str(path), "--output", str(tmp_path / "o2")])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --data-path {path}:2") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o2").exists()
