@@ -18,7 +18,8 @@ What is measured (P = MoE layers, E = experts, over all evaluated tokens):
   Agreement between MoE layers i and j, from the joint histogram of (top-1 in i, top-1 in j):
   * `same_top1[i, j]`: fraction of tokens whose top-1 category is the same index in both layers
     (meaningful where indices are tied across layers: Self-Routing reads the same channels of the
-    residual stream in every layer, hash routing uses one table);
+    residual stream in every layer, hash routing uses one table); `same_top1_chance[i, j]` =
+    sum_e p_i(e) p_j(e), its value if the two layers chose independently with the same loads;
   * `nmi[i, j]`: normalized mutual information I(X;Y)/sqrt(H(X)H(Y)) of the two top-1
     categories (0 = independent, 1 = one determines the other; invariant to relabelling
     experts, so it compares layers of learned routers too; 1 if both are constant).
@@ -323,11 +324,12 @@ class RoutingAnalysis:
         return self.counts / self.counts.sum(1, keepdim=True).clamp(min=1)
 
     def agreement(self) -> dict:
-        """{'same_top1': [P, P], 'nmi': [P, P]} from the joint top-1 histograms (docstring above)."""
+        """{'same_top1', 'same_top1_chance', 'nmi'}: [P, P] each, from the joint top-1 histograms."""
         P, E = len(self.layer_numbers), self.num_experts
         same, nmi = torch.eye(P, dtype=torch.float64), torch.eye(P, dtype=torch.float64)
+        chance = torch.eye(P, dtype=torch.float64)
         if not self.top1:
-            return {"same_top1": same, "nmi": nmi}
+            return {"same_top1": same, "same_top1_chance": chance, "nmi": nmi}
         tops = torch.cat(self.top1).long()
         for i in range(P):
             for j in range(P):
@@ -338,12 +340,13 @@ class RoutingAnalysis:
                 same[i, j] = J.diagonal().sum() / n
                 pxy = J / n
                 px, py = pxy.sum(1), pxy.sum(0)
+                chance[i, j] = (px * py).sum()
                 nz = pxy > 0
                 mi = float((pxy[nz] * (pxy[nz] / (px[:, None] * py[None, :])[nz]).log()).sum())
                 hx = float(-(px[px > 0] * px[px > 0].log()).sum())
                 hy = float(-(py[py > 0] * py[py > 0].log()).sum())
                 nmi[i, j] = 1.0 if hx == 0 and hy == 0 else (mi / math.sqrt(hx * hy) if hx > 0 and hy > 0 else 0.0)
-        return {"same_top1": same, "nmi": nmi}
+        return {"same_top1": same, "same_top1_chance": chance, "nmi": nmi}
 
 
 def top1_category(routed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -585,7 +588,8 @@ def summary_text(a: RoutingAnalysis, agreement: dict, info: dict, sweep: list[di
     P = len(a.layer_numbers)
     if P > 1:
         off = ~torch.eye(P, dtype=torch.bool)
-        L.append(f"layer agreement (off-diagonal mean): same top-1 {float(agreement['same_top1'][off].mean()):.3f} | "
+        L.append(f"layer agreement (off-diagonal mean): same top-1 {float(agreement['same_top1'][off].mean()):.3f} "
+                 f"({float(agreement['same_top1_chance'][off].mean()):.3f} if independent) | "
                  f"NMI {float(agreement['nmi'][off].mean()):.3f}")
     for kind, rows in tables.items():
         first = next((r for r in rows if r["top"]), None)
@@ -646,7 +650,8 @@ def write_outputs(out_dir: str, a: RoutingAnalysis, info: dict, key_name, class_
     numbers = {**info, "layers": a.layer_numbers, "num_experts": a.num_experts, "loss": a.loss,
                "experts_per_token": a.experts_per_token(), "counts": a.counts.tolist(), "k_hist": a.k_hist.tolist(),
                "load_fraction": frac.tolist(), "same_top1": agreement["same_top1"].tolist(),
-               "nmi": agreement["nmi"].tolist(), "theta_sweep": sweep or []}
+               "same_top1_chance": agreement["same_top1_chance"].tolist(), "nmi": agreement["nmi"].tolist(),
+               "theta_sweep": sweep or []}
     if info["family"] == "images":
         numbers["top1_accuracy"] = a.correct / max(a.loss_count, 1)
     with open(os.path.join(out_dir, "routing.json"), "w") as f:

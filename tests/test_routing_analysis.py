@@ -155,6 +155,9 @@ def test_top_tokens_equal_brute_force_count_over_trace(ckpts, learned_run):
             r["experts"][max(range(len(w)), key=lambda i: (w[i], -r["experts"][i]))]
     same = np.mean([t[1] == t[3] for t in by_tok.values()])
     assert abs(agreement["same_top1"][0][2] - same) < 1e-9
+    c1, c3 = Counter(t[1] for t in by_tok.values()), Counter(t[3] for t in by_tok.values())
+    chance = sum(c1[e] * c3[e] for e in range(4)) / len(by_tok) ** 2
+    assert abs(agreement["same_top1_chance"][0][2] - chance) < 1e-9
 
 
 def test_theta_sweep_is_monotone_and_matches_the_plain_analysis(ckpts, tmp_path):
