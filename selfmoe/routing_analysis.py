@@ -581,7 +581,7 @@ def summary_text(a: RoutingAnalysis, agreement: dict, info: dict, sweep: list[di
              f"{m['max_overload']:.2f} | dead experts {m['dead_experts']:.2f} | experts per token "
              f"{m['experts_per_token']:.3f} (p50 {m['experts_per_token_p50']:.1f}, p99 {m['experts_per_token_p99']:.1f})")
     for p, ln in enumerate(a.layer_numbers):
-        lm = m["layers"].get(ln, {})
+        lm = m["layers"].get(p + 1, {})  # routing_metrics numbers its rows from 1
         if lm:
             L.append(f"  layer {ln}: entropy {lm['normalized_entropy']:.3f} | max overload {lm['max_overload']:.2f} | "
                      f"dead {lm['dead_experts']} | experts/token {lm['experts_per_token']:.3f}")

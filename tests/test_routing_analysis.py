@@ -164,6 +164,12 @@ def test_theta_sweep_is_monotone_and_matches_the_plain_analysis(ckpts, tmp_path)
     theta0 = 1.0  # the routers' θ (tiny_config's default)
     numbers = run_tool(ckpts, "rf", tmp_path / "rf", "--theta-sweep", f"0,0.5,{theta0},2,1e9")
     assert numbers["layers"] == [2, 3]  # layer 1 is dense
+    summary = (tmp_path / "rf" / "summary.txt").read_text()
+    k = np.array(numbers["k_hist"])
+    for p, layer in enumerate((2, 3)):  # per-layer lines name the MoE layers' own numbers
+        ept = (k[p] * np.arange(5)).sum() / k[p].sum()
+        assert f"  layer {layer}: " in summary and f"experts/token {ept:.3f}" in summary.split(f"  layer {layer}: ")[1].splitlines()[0]
+    assert "  layer 1: " not in summary
     sweep = numbers["theta_sweep"]
     ept = [r["experts_per_token"] for r in sweep]
     assert ept[0] == 4.0 and ept[-1] == 0.0
