@@ -180,4 +180,6 @@ def config_fingerprint(c: SelfMoEConfig) -> dict:
         v = getattr(c, f.name)
         if isinstance(v, (int, float, str, bool, type(None), tuple)):
             out[f.name] = v
+    if isinstance(c.moe_layer_freq, list):  # a dense/MoE layer pattern: the checkpoint's layers depend on it
+        out["moe_layer_freq"] = list(c.moe_layer_freq)
     return out

@@ -35,7 +35,9 @@ def config_from_fingerprint(fp: dict, **overrides):
     from selfmoe.config import SelfMoEConfig
 
     names = {f.name for f in dataclasses.fields(SelfMoEConfig) if f.init}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fp.items() if k in names}
+    # moe_layer_freq stays a list: Megatron-Core's TransformerBlock keys mixed dense/MoE layers apart
+    # in checkpoints only for `isinstance(moe_layer_freq, list)` (a tuple fails to load)
+    kw = {k: (tuple(v) if isinstance(v, list) and k != "moe_layer_freq" else v) for k, v in fp.items() if k in names}
     for k in LAYOUT_FIELDS + ("bf16", "fp16"):
         kw.pop(k, None)
     kw.update(overrides)
@@ -107,10 +109,11 @@ def read_checkpoint_config(ckpt: str, flag: str = "--load") -> dict:
     return common
 
 
-def load_model(path: str, iteration: int | None = None, flag: str = "--load", **overrides):
+def load_model(path: str, iteration: int | None = None, flag: str = "--load", build=None, **overrides):
     """(model, config, common) of a dist checkpoint in any layout, as the one-rank fp32 model.
 
-    `overrides` change inference-only config fields (e.g. routing_free_theta) before building.
+    `build(config, common)` builds the model (default: the GPT); `overrides` change inference-only
+    config fields (e.g. routing_free_theta) before building.
     """
     from megatron.core import dist_checkpointing
 
@@ -120,7 +123,7 @@ def load_model(path: str, iteration: int | None = None, flag: str = "--load", **
     ckpt = resolve_checkpoint(path, iteration, flag)
     common = read_checkpoint_config(ckpt, flag)
     cfg = config_from_fingerprint(common["config"], **overrides)
-    model = build_gpt_model(cfg)
+    model = build_gpt_model(cfg) if build is None else build(cfg, common)
     try:
         # interleaved-pipeline checkpoints ("model0", "model1") hold the same global tensor keys
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)["model"]

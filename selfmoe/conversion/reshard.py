@@ -195,12 +195,10 @@ def theta_sweep(args) -> list[dict]:
     """Routing-Free θ at evaluation: loss, PPL and experts per token on the corpus' last tokens.
 
     Liu et al. 2026 (arXiv 2604.00801): raising θ fires fewer experts (less compute) at some loss.
+    The measurement is selfmoe.routing_analysis.theta_sweep (also behind tools/analyze_routing.py).
     """
-    import numpy as np
-
+    from selfmoe import routing_analysis as ra
     from selfmoe.conversion.common import load_model
-    from selfmoe.metrics import RoutingStats
-    from selfmoe.routers.routing_free import set_theta
 
     try:
         thetas = [float(t) for t in args.thetas.split(",") if t.strip()]
@@ -214,43 +212,13 @@ def theta_sweep(args) -> list[dict]:
     model, cfg, _ = load_model(args.load, args.iteration)
     if cfg.moe_router_type != "routing-free":
         raise ConversionError(f"--load holds a {cfg.moe_router_type}-router model; θ is Routing-Free's threshold")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(args.data_path)
     seq = args.seq_length or cfg.max_position_embeddings
-    need = args.eval_tokens + 1
-    chunks, have = [], 0
-    for i in range(len(ds) - 1, -1, -1):  # the last documents: Megatron-LM's splits put validation after training
-        chunks.append(np.asarray(ds[i]))
-        have += len(chunks[-1])
-        if have >= need:
-            break
-    tokens = torch.from_numpy(np.concatenate(chunks[::-1])[-need:].astype(np.int64))
-    if tokens.max() >= cfg.vocab_size:
-        raise ConversionError(f"--data-path {args.data_path}: token id {int(tokens.max())} >= the model's vocab_size "
-                              f"{cfg.vocab_size} (another tokenizer?)")
-    n = (len(tokens) - 1) // seq
-    if n == 0:
-        raise ConversionError(f"--data-path {args.data_path}: fewer than seq_length+1 = {seq + 1} tokens")
-    x = tokens[: n * seq].view(n, seq)
-    y = tokens[1: n * seq + 1].view(n, seq)
-    stats = RoutingStats(model, cfg.num_layers, cfg.num_moe_experts)
-    rows = []
+    batches = ra.text_batches(args.data_path, None, cfg.vocab_size, seq, args.micro_batch_size,
+                              max(args.eval_tokens // seq, 1))
+    rows = ra.theta_sweep(model, "text", batches, thetas)
     print(f"{'theta':>8} {'loss':>9} {'ppl':>10} {'experts/token':>14} {'density':>8}")
-    for theta in thetas:
-        set_theta(model, theta)
-        stats.reset()
-        total = 0.0
-        with torch.no_grad():
-            for i in range(0, n, args.micro_batch_size):
-                xb, yb = x[i:i + args.micro_batch_size], y[i:i + args.micro_batch_size]
-                loss = model(xb, torch.arange(seq)[None].expand_as(xb), None, labels=yb)
-                total += loss.float().sum().item()
-        m = stats.reduce()
-        loss = total / (n * seq)
-        row = dict(theta=theta, loss=loss, ppl=math.exp(min(loss, 50)), experts_per_token=m["experts_per_token"],
-                   density=m["density"])
-        rows.append(row)
-        print(f"{theta:8.3g} {loss:9.4f} {row['ppl']:10.2f} {row['experts_per_token']:14.3f} {row['density']:8.3f}")
-    stats.remove()
+    for row in rows:
+        row["ppl"] = math.exp(min(row["loss"], 50))
+        print(f"{row['theta']:8.3g} {row['loss']:9.4f} {row['ppl']:10.2f} {row['experts_per_token']:14.3f} "
+              f"{row['density']:8.3f}")
     return rows
