@@ -32,16 +32,17 @@ def config_from_fingerprint(fp: dict, **overrides):
     """
     import torch.nn.functional as F
 
-    from selfmoe.config import SelfMoEConfig
+    from selfmoe.config import config_class
 
-    names = {f.name for f in dataclasses.fields(SelfMoEConfig) if f.init}
+    cls = config_class(bool(fp.get("multi_latent_attention")))
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fp.items() if k in names}
     for k in LAYOUT_FIELDS + ("bf16", "fp16"):
         kw.pop(k, None)
     kw.update(overrides)
     kw["activation_func"] = F.silu if kw.get("gated_linear_unit") else F.gelu
     try:
-        return SelfMoEConfig(**kw)
+        return cls(**kw)
     except (ValueError, AssertionError, TypeError) as e:
         raise ConversionError(f"invalid model config: {' '.join(str(e).split())}") from None
 

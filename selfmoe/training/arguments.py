@@ -98,11 +98,16 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--num-query-groups", type=int, default=1)
     g.add_argument("--seq-length", type=int)
     g.add_argument("--max-position-embeddings", type=int, help="default: --seq-length")
-    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default="learned_absolute")
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope", "none"),
+                   default="learned_absolute", help="none: no position information outside attention (MLA keeps "
+                                                    "its own rotary embedding)")
     g.add_argument("--use-rotary-position-embeddings", action="store_true", help="legacy: same as rope")
     g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false")
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.x RoPE frequency scaling (megatron-core's RotaryEmbedding(rope_scaling=True))")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="with --use-rope-scaling (Llama 3.x: 8)")
     g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true")
@@ -431,6 +436,7 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
         args.position_embedding_type = "rope"
     if not args.add_position_embedding and args.position_embedding_type != "rope":
         raise ArgumentError("--no-position-embedding needs --position-embedding-type rope")
+    _validate_attention_variants(args)
     if args.kv_channels is None:
         if args.hidden_size % args.num_attention_heads:
             raise ArgumentError(f"--hidden-size {args.hidden_size} is not divisible by "
@@ -506,8 +512,12 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
             args.add_bias_linear = False
             args.notes.append("--num-experts without TransformerEngine: linear biases disabled, as with "
                               "--disable-bias-linear (megatron-core's local MoE experts cannot train with them)")
-        if args.moe_token_dispatcher_type == "flex":
-            raise ArgumentError("--moe-token-dispatcher-type flex needs DeepEP (CUDA); use allgather or alltoall")
+        if args.moe_token_dispatcher_type == "flex":  # megatron-core's flex dispatcher is DeepEP/HybridEP's
+            from selfmoe.training.config_flags import note_ignored
+
+            note_ignored(args, "--moe-token-dispatcher-type flex", "needs DeepEP or HybridEP (CUDA), not installed; "
+                                                                   "the alltoall dispatcher is used (same routing)")
+            args.moe_token_dispatcher_type = "alltoall"
         from selfmoe.models.moe_spec import parse_moe_layer_freq
 
         try:  # Megatron-LM: N (every N-th layer is MoE) or a list expression such as "([0]+[1]*23)"
@@ -570,6 +580,34 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
 
     (validate_data or _validate_data)(args)
     args_to_config(args)  # the config's own checks (router options), still before any model exists
+
+
+def _validate_attention_variants(args) -> None:
+    """Multi-latent attention, multi-token prediction and RoPE scaling: Megatron-LM's refusals,
+    and the flags that mean nothing without their companion listed as ignored."""
+    from selfmoe.training.config_flags import note_ignored
+
+    if args.multi_latent_attention:
+        if args.group_query_attention:
+            raise ArgumentError("--multi-latent-attention and --group-query-attention are mutually exclusive "
+                                "(MLA compresses keys and values itself)")
+        if getattr(args, "qk_l2_norm", False):
+            raise ArgumentError("--qk-l2-norm is not supported with --multi-latent-attention (megatron-core)")
+    rope = args.position_embedding_type == "rope" and not args.multi_latent_attention
+    if args.use_rope_scaling and not rope:
+        note_ignored(args, "--use-rope-scaling", "needs --position-embedding-type rope without "
+                                                 "--multi-latent-attention (MLA scales its RoPE with YaRN: "
+                                                 "--rotary-scaling-factor)")
+        args.use_rope_scaling = False
+    if args.rope_scaling_factor != 8.0 and not args.use_rope_scaling:
+        note_ignored(args, "--rope-scaling-factor", "needs --use-rope-scaling")
+        args.rope_scaling_factor = 8.0
+    if args.mtp_num_layers:
+        if args.pipeline_model_parallel_size > 1:
+            raise ArgumentError("--mtp-num-layers with --pipeline-model-parallel-size > 1 is not supported in "
+                                "selfmoe yet (the MTP block and its embedding copy on the last stage are untested)")
+    elif args.mtp_loss_scaling_factor != 0.1:
+        note_ignored(args, "--mtp-loss-scaling-factor", "needs --mtp-num-layers")
 
 
 def _validate_sample_schedule(args) -> None:
@@ -716,7 +754,8 @@ def args_to_config(args):
         qk_layernorm=args.qk_layernorm,
         vocab_size=getattr(args, "padded_vocab_size", 0), max_position_embeddings=args.max_position_embeddings,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-        rotary_percent=args.rotary_percent, untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        rotary_percent=args.rotary_percent, rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor, untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,

@@ -104,16 +104,24 @@ NEEDS = {
     **{f: _NOT_WIRED for f in (
         "overlap_moe_expert_parallel_comm", "ep_overlap_early_attn_memory_release", "defer_embedding_wgrad_compute",
         "wgrad_deferral_limit", "overlap_p2p_comm_warmup_flush", "microbatch_group_size_per_vp_stage",
-        "mtp_standalone", "mtp_num_layers", "mtp_loss_scaling_factor", "account_for_embedding_in_pipeline_split",
+        "mtp_standalone", "account_for_embedding_in_pipeline_split",
         "account_for_loss_in_pipeline_split", "moe_per_layer_logging", "moe_enable_routing_replay",
-        "moe_extended_tp", "multi_latent_attention", "batch_invariant_mode",
+        "moe_extended_tp", "batch_invariant_mode",
         "init_model_with_meta_device", "moe_apply_probs_on_input", "attention_output_gate",
         "moe_router_force_load_balancing",
     )},
     **{f: _HYBRID for f in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
                             "use_mamba_mem_eff_path")},
-    **{f: _INFERENCE for f in ("flash_decode", "inference_fuse_tp_communication", "mlp_chunks_for_prefill")},
+    **{f: _INFERENCE for f in ("flash_decode", "inference_fuse_tp_communication", "mlp_chunks_for_prefill",
+                               "cache_mla_latents")},
 }
+
+# MLATransformerConfig's own fields take effect only with --multi-latent-attention (listed as
+# ignored without it). Megatron-LM's defaults where they differ from the dataclass's (its
+# _add_mla_args; --rope-type None lets the config class choose: yarn for MLA).
+MLA_REASON = "needs --multi-latent-attention"
+MLA_DEFAULTS = {"q_lora_rank": None, "kv_lora_rank": 32, "rotary_scaling_factor": 1.0, "rope_type": None}
+MLA_CHOICES = {"rope_type": ("rope", "yarn")}
 
 # Allowed ranges: dest -> (low, low inclusive, high, high inclusive); None = unbounded.
 # Derived fields not listed get a rule from their name and type (see `domain`).
@@ -162,6 +170,19 @@ def _config_classes():
     return TransformerConfig
 
 
+def _mla_config_class():
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    return MLATransformerConfig
+
+
+@lru_cache(maxsize=None)
+def mla_fields() -> tuple:
+    """MLATransformerConfig's fields that TransformerConfig lacks (q/kv LoRA ranks, head dims, YaRN)."""
+    base = {f.name for f in dataclasses.fields(_config_classes())}
+    return tuple(f.name for f in dataclasses.fields(_mla_config_class()) if f.name not in base)
+
+
 @lru_cache(maxsize=None)
 def field_docs(cls) -> dict:
     """{field: docstring} for a dataclass and its dataclass bases (the string literal after each field)."""
@@ -200,10 +221,11 @@ def _type_kwargs(tp) -> dict | None:
 @lru_cache(maxsize=None)
 def derived_flags() -> tuple:
     """Every TransformerConfig field that becomes a flag, in field order."""
-    cls = _config_classes()
-    docs = field_docs(cls)
+    cls, mla = _config_classes(), _mla_config_class()
+    docs = {**field_docs(mla), **field_docs(cls)}
+    mla_only = set(mla_fields())
     out = []
-    for f in dataclasses.fields(cls):
+    for f in list(dataclasses.fields(cls)) + [f for f in dataclasses.fields(mla) if f.name in mla_only]:
         if f.name in NOT_FLAGS or not f.init or f.name.startswith("_"):
             continue
         kw = _type_kwargs(f.type)
@@ -211,8 +233,13 @@ def derived_flags() -> tuple:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if f.name in mla_only:
+            default = MLA_DEFAULTS.get(f.name, default)
+            if f.name in MLA_CHOICES:
+                kw["choices"] = MLA_CHOICES[f.name]
         name = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
-        help_ = docs.get(f.name, "") + f" [TransformerConfig.{f.name}]"
+        owner = "MLATransformerConfig" if f.name in mla_only else "TransformerConfig"
+        help_ = docs.get(f.name, "") + f" [{owner}.{f.name}]"
         if kw.get("type") is bool and "nargs" not in kw:
             if default:
                 flags = (f"--no-{f.name.replace('_', '-')}", f"--disable-{f.name.replace('_', '-')}")
@@ -222,7 +249,8 @@ def derived_flags() -> tuple:
         else:
             flags = (name,)
         kw.update(default=default, help=help_.replace("%", "%%"))
-        out.append(DerivedFlag(f.name, flags, kw, default, NEEDS.get(f.name)))
+        needs = NEEDS.get(f.name, MLA_REASON if f.name in mla_only else None)
+        out.append(DerivedFlag(f.name, flags, kw, default, needs))
     return tuple(out)
 
 
@@ -259,9 +287,11 @@ def resolve_needs(args, cuda_available: bool | None = None) -> None:
         import torch
 
         cuda_available = torch.cuda.is_available()
+    mla = bool(getattr(args, "multi_latent_attention", False))
     for d in derived_in(args):
         value = getattr(args, d.field)
-        if d.needs is None or value == d.default or (d.needs == "cuda" and cuda_available):
+        if d.needs is None or value == d.default or (d.needs == "cuda" and cuda_available) or \
+                (d.needs == MLA_REASON and mla):
             continue
         reason = "CUDA only" if d.needs == "cuda" else d.needs
         note_ignored(args, d.flags[0], reason)
@@ -281,8 +311,15 @@ def note_ignored(args, flag: str, reason: str) -> None:
 
 
 def config_kwargs(args) -> dict:
-    """{field: value} of the derived fields, for the config."""
-    return {d.field: getattr(args, d.field) for d in derived_in(args)}
+    """{field: value} of the derived fields, for the config (MLATransformerConfig's own fields only
+    with --multi-latent-attention; a None --rope-type leaves the config class's default)."""
+    mla = bool(getattr(args, "multi_latent_attention", False))
+    out = {}
+    for d in derived_in(args):
+        if d.needs == MLA_REASON and not mla or d.field == "rope_type" and getattr(args, d.field) is None:
+            continue
+        out[d.field] = getattr(args, d.field)
+    return out
 
 
 # ------------------------------------------------------------------------------------------
