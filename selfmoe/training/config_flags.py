@@ -316,7 +316,7 @@ def config_kwargs(args) -> dict:
     mla = bool(getattr(args, "multi_latent_attention", False))
     out = {}
     for d in derived_in(args):
-        if d.needs == MLA_REASON and not mla or d.field == "rope_type" and getattr(args, d.field) is None:
+        if d.field in mla_fields() and not mla or d.field == "rope_type" and getattr(args, d.field) is None:
             continue
         out[d.field] = getattr(args, d.field)
     return out

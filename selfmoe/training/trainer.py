@@ -193,6 +193,24 @@ def moe_aux_losses(config) -> dict:
     return out
 
 
+def mtp_losses(config) -> dict:
+    """Megatron-Core's multi-token prediction loss per depth ("mtp_1 loss", ...), averaged over
+    micro-batches and data-parallel ranks as Megatron-LM logs it, then cleared. The MTP loss itself
+    reaches the gradients through megatron-core's MTPLossAutoScaler (scaled by
+    --mtp-loss-scaling-factor / depths); the reported lm loss stays the next-token loss."""
+    if not getattr(config, "mtp_num_layers", None):
+        return {}
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    if "values" not in tracker:
+        return {}
+    MTPLossLoggingHelper.reduce_loss_in_tracker()
+    out = {f"mtp_{i + 1} loss": float(v) / get_num_microbatches() for i, v in enumerate(tracker["values"])}
+    MTPLossLoggingHelper.clean_loss_in_tracker()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # steps
 
@@ -403,7 +421,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         step_seconds = time.time() - t0
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size
-        aux = moe_aux_losses(config)
+        aux = {**moe_aux_losses(config), **mtp_losses(config)}
         if skipped:
             state.skipped_iterations += 1
         nonfinite = loss is None or not math.isfinite(loss)
