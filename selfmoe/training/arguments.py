@@ -41,6 +41,9 @@ IGNORED_FLAGS = {
     "--log-loss-scale-to-tensorboard": 0, "--timing-log-level": None, "--timing-log-option": None,
     "--wandb-project": None, "--wandb-exp-name": None, "--wandb-save-dir": None, "--wandb-entity": None,
     "--local-rank": None, "--local_rank": None,
+    "--no-create-attention-mask-in-dataloader": 0, "--dist-ckpt-strictness": None, "--logging-level": None,
+    "--enable-experimental": 0, "--data-parallel-sharding-strategy": None, "--fsdp-double-buffer": 0,
+    "--use-nccl-ub": 0, "--megatron-fsdp-grad-comm-dtype": None, "--megatron-fsdp-main-grads-dtype": None,
 }
 
 ROUTER_TYPES = ("learned", "self", "random", "hash", "routing-free")

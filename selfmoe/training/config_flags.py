@@ -437,6 +437,16 @@ IGNORED_REASONS = {
     **{f: "Weights & Biases is not wired in selfmoe (TensorBoard only)"
        for f in ("--wandb-project", "--wandb-exp-name", "--wandb-save-dir", "--wandb-entity")},
     "--local-rank": "torchrun's LOCAL_RANK is read instead", "--local_rank": "torchrun's LOCAL_RANK is read instead",
+    "--no-create-attention-mask-in-dataloader": "already so: the data loader builds an attention mask only for "
+                                                "--reset-attention-mask (causal attention comes from the layer spec)",
+    "--dist-ckpt-strictness": "not wired in selfmoe yet: a checkpoint must match the model exactly (a missing or "
+                              "unexpected key fails the load)",
+    "--logging-level": "not wired in selfmoe yet: Python's default logging level",
+    "--enable-experimental": "selfmoe uses no experimental megatron-core feature",
+    **{f: "goes with --use-megatron-fsdp (not wired in selfmoe yet: Megatron-Core DDP is used)" for f in (
+        "--data-parallel-sharding-strategy", "--fsdp-double-buffer", "--megatron-fsdp-grad-comm-dtype",
+        "--megatron-fsdp-main-grads-dtype")},
+    "--use-nccl-ub": "NCCL user buffers: CUDA only, not wired in selfmoe yet",
 }
 
 # TransformerConfig fields whose values other than the default are honoured for some values only.

@@ -381,7 +381,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
 
     train_ds, valid_ds, _ = datasets_provider(args, train_valid_test_num_samples(args))
     train_iter = chunk_iterators(model, lambda: micro_batches(train_ds, args, state.consumed_train_samples))
-    routing = RoutingStats(model, config.num_layers, E) if E else None
+    routing = RoutingStats(model, config.num_layers + (config.mtp_num_layers or 0), E) if E else None  # + MTP depths
 
     def run_validation():
         if valid_ds is not None and args.eval_iters > 0:
