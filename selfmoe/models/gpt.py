@@ -9,7 +9,12 @@ import dataclasses
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+    get_gpt_mtp_block_spec,
+)
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from selfmoe import mcore_compat
@@ -18,18 +23,50 @@ from selfmoe.models.moe_spec import block_spec, moe_layer_pattern, prepare_moe, 
 
 
 def transformer_layer_spec(config: SelfMoEConfig, vp_stage: int | None = None):
-    """Megatron-Core's local (non-TE) GPT layer, with our router plugged into MoESubmodules; one
-    spec per layer of this stage when --moe-layer-freq mixes dense and MoE layers. Multi-latent
-    attention (config.multi_latent_attention) is megatron-core's MLASelfAttention."""
+    """Megatron-Core's GPT layer -- its TransformerEngine spec where TE and CUDA are there (grouped
+    GEMM experts with --moe-grouped-gemm), else its local spec (`layer_spec_backend` says why) --
+    with our router plugged into MoESubmodules; one spec per layer of this stage when
+    --moe-layer-freq mixes dense and MoE layers. Multi-latent attention
+    (config.multi_latent_attention) is megatron-core's MLASelfAttention."""
     return block_spec(config, lambda moe, i: _layer_spec(config, moe), vp_stage)
 
 
+def te_importable() -> bool:
+    """Whether TransformerEngine can be imported (the probe the spec choice and its tests use)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def layer_spec_backend(config) -> tuple[str, str | None]:
+    """("transformer_engine", None) when megatron-core's TransformerEngine layer spec is used, else
+    ("local", why): TE is used when it is importable, CUDA is present and --transformer-impl is not
+    local (Megatron-LM's default impl is transformer_engine)."""
+    import torch
+
+    if getattr(config, "transformer_impl", "transformer_engine") == "local":
+        return "local", "--transformer-impl local"
+    if not te_importable():
+        return "local", "TransformerEngine is not installed"
+    if not torch.cuda.is_available():
+        return "local", "no CUDA device (TransformerEngine's modules need one)"
+    return "transformer_engine", None
+
+
+def layer_spec_plan(config: SelfMoEConfig, moe: bool) -> tuple:
+    """(megatron-core spec function, its keyword arguments) for one decoder layer."""
+    common = dict(num_experts=config.num_moe_experts if moe else None, qk_layernorm=config.qk_layernorm,
+                  multi_latent_attention=config.multi_latent_attention, qk_l2_norm=config.qk_l2_norm)
+    if layer_spec_backend(config)[0] == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec, dict(common, moe_grouped_gemm=config.moe_grouped_gemm)
+    return get_gpt_layer_local_spec, dict(common, moe_grouped_gemm=False, normalization=config.normalization)
+
+
 def _layer_spec(config: SelfMoEConfig, moe: bool) -> ModuleSpec:
-    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts if moe else None,
-                                    moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm,
-                                    multi_latent_attention=config.multi_latent_attention,
-                                    qk_l2_norm=config.qk_l2_norm, normalization=config.normalization)
-    if config.multi_latent_attention:  # the local core attention cannot take MLA's head widths
+    build, kwargs = layer_spec_plan(config, moe)
+    spec = build(**kwargs)
+    core = spec.submodules.self_attention.submodules.core_attention
+    if config.multi_latent_attention and core is DotProductAttention:  # local: cannot take MLA's head widths
         attn = spec.submodules.self_attention
         attn = dataclasses.replace(attn, submodules=dataclasses.replace(
             attn.submodules, core_attention=mcore_compat.MLADotProductAttention))
@@ -45,7 +82,8 @@ def mtp_block_spec(config: SelfMoEConfig, vp_stage: int | None = None):
     if not config.mtp_num_layers:
         return None
     last_is_moe = bool(moe_layer_pattern(config)[-1])
-    return get_gpt_mtp_block_spec(config, _layer_spec(config, last_is_moe), use_transformer_engine=False,
+    te = layer_spec_backend(config)[0] == "transformer_engine"
+    return get_gpt_mtp_block_spec(config, _layer_spec(config, last_is_moe), use_transformer_engine=te,
                                   vp_stage=vp_stage)
 
 

@@ -21,7 +21,7 @@ import sys
 # "*": any number of values). TransformerConfig's own fields are derived (config_flags.py).
 IGNORED_FLAGS = {
     "--use-mcore-models": 0, "--use-flash-attn": 0,
-    "--overlap-grad-reduce": 0, "--overlap-param-gather": 0, "--align-param-gather": 0,
+    "--overlap-param-gather": 0, "--align-param-gather": 0,
     "--overlap-param-gather-with-optimizer-step": 0,
     "--bias-gelu-fusion": 0, "--no-bias-gelu-fusion": 0, "--no-bias-swiglu-fusion": 0,
     "--no-bias-dropout-fusion": 0, "--no-rope-fusion": 0, "--no-persist-layer-norm": 0,
@@ -175,6 +175,9 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="Megatron-Core DDP: all-reduce (or reduce-scatter) each gradient bucket during the last "
+                        "micro-batch's backward pass")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Megatron-Core's DistributedOptimizer: optimizer state sharded over data-parallel ranks")
 
@@ -380,6 +383,12 @@ def _positive(args, *names):
 
 
 def _validate_optimizer_sharding(args) -> None:
+    if args.deepspeed and args.overlap_grad_reduce:
+        from selfmoe.training.config_flags import note_ignored
+
+        note_ignored(args, "--overlap-grad-reduce", "with --deepspeed the DeepSpeed engine reduces gradients "
+                                                    "(its JSON's zero_optimization.overlap_comm)")
+        args.overlap_grad_reduce = False
     if args.deepspeed_config and not args.deepspeed:
         raise ArgumentError("--deepspeed-config given without --deepspeed")
     if not args.deepspeed:
@@ -766,6 +775,8 @@ def args_to_config(args):
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,
         bf16=args.bf16, fp16=args.fp16, params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        transformer_impl=args.transformer_impl or "transformer_engine",  # Megatron-LM's default; the spec
+        # is TE's only where TE and CUDA are there (selfmoe.models.gpt.layer_spec_backend)
         moe_router_type=args.moe_router_type,
     )
     if args.num_experts:

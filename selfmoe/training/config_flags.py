@@ -65,7 +65,10 @@ FLAG_NAMES = {
     "fp8_param": "--fp8-param-gather", "fp4": "--fp4-format", "fp4_param": "--fp4-param-gather",
 }
 
-_TE = "needs TransformerEngine's layer spec (this build uses megatron-core's local spec)"
+_TE = "a TransformerEngine feature not wired in selfmoe yet"
+# Honoured where megatron-core's TransformerEngine layer spec is used (TE importable, CUDA present,
+# --transformer-impl not local: selfmoe.models.gpt.layer_spec_backend); listed with its reason elsewhere.
+TE_SPEC = "te"
 _CUDA = "CUDA only"
 _NOT_WIRED = "not wired in selfmoe yet"
 _HYBRID = "Mamba/hybrid models only (selfmoe builds GPT and ViT)"
@@ -81,8 +84,8 @@ NEEDS = {
         "num_layers_at_end_in_bf16", "fp4", "fp4_recipe", "fp4_param", "fp4_quantizer_factory", "tp_comm_overlap",
         "tp_comm_bulk_wgrad", "tp_comm_bulk_dgrad", "tp_comm_overlap_ag", "tp_comm_overlap_rs",
         "tp_comm_overlap_rs_dgrad", "tp_comm_split_ag", "tp_comm_split_rs", "tp_comm_bootstrap_backend",
-        "moe_grouped_gemm", "moe_use_legacy_grouped_gemm", "moe_permute_fusion", "moe_router_fusion",
-        "use_te_activation_func", "delay_wgrad_compute", "transformer_impl", "attention_backend", "softmax_type",
+        "moe_use_legacy_grouped_gemm",
+        "use_te_activation_func", "delay_wgrad_compute", "transformer_impl", "softmax_type",
         "use_kitchen_attention", "kitchen_attention_backend", "fine_grained_activation_offloading",
         "min_offloaded_tensor_size", "moe_router_padding_for_quantization", "moe_router_padding_for_fp8",
         "symmetric_ar_type", "cross_entropy_fusion_impl", "qk_clip", "qk_clip_alpha", "qk_clip_threshold",
@@ -92,6 +95,7 @@ NEEDS = {
         "linear_num_key_heads", "linear_num_value_heads", "hybrid_context_parallel", "max_seqlen_per_dp_cp_rank",
         "moe_latent_size",
     )},
+    **{f: TE_SPEC for f in ("moe_grouped_gemm", "moe_permute_fusion", "moe_router_fusion", "attention_backend")},
     **{f: "needs DeepEP/HybridEP (CUDA) and --moe-token-dispatcher-type flex"
        for f in ("moe_enable_deepep", "moe_flex_dispatcher_backend", "moe_deepep_num_sms", "moe_hybridep_num_sms")},
     **{f: "CUDA graphs: CUDA only, not wired in selfmoe yet"
@@ -281,8 +285,27 @@ def derived_in(args) -> list:
     return [d for d in derived_flags() if d.field in fields]
 
 
+def te_spec_reason(args, cuda_available: bool | None = None) -> str | None:
+    """None when the run uses megatron-core's TransformerEngine layer spec, else why not."""
+    from selfmoe.models import gpt
+
+    if cuda_available is None:
+        backend = gpt.layer_spec_backend(argparse.Namespace(transformer_impl=_impl(args)))
+    elif getattr(args, "transformer_impl", None) == "local":
+        backend = ("local", "--transformer-impl local")
+    else:
+        backend = ("local", "no CUDA device") if not cuda_available else (
+            ("transformer_engine", None) if gpt.te_importable() else ("local", "TransformerEngine is not installed"))
+    return backend[1]
+
+
+def _impl(args):
+    return getattr(args, "transformer_impl", None) or "transformer_engine"
+
+
 def resolve_needs(args, cuda_available: bool | None = None) -> None:
     """Reset derived fields that cannot take effect here to their default; record flag -> reason."""
+    te_reason = te_spec_reason(args, cuda_available)
     if cuda_available is None:
         import torch
 
@@ -291,9 +314,11 @@ def resolve_needs(args, cuda_available: bool | None = None) -> None:
     for d in derived_in(args):
         value = getattr(args, d.field)
         if d.needs is None or value == d.default or (d.needs == "cuda" and cuda_available) or \
-                (d.needs == MLA_REASON and mla):
+                (d.needs == MLA_REASON and mla) or (d.needs == TE_SPEC and te_reason is None):
             continue
         reason = "CUDA only" if d.needs == "cuda" else d.needs
+        if d.needs == TE_SPEC:
+            reason = f"needs megatron-core's TransformerEngine layer spec; the local spec is used ({te_reason})"
         note_ignored(args, d.flags[0], reason)
         setattr(args, d.field, d.default)
 
@@ -398,7 +423,6 @@ _ALREADY_UNFUSED = "already so: megatron-core's local spec runs these ops unfuse
 IGNORED_REASONS = {
     "--use-mcore-models": "always so: selfmoe builds Megatron-Core models",
     "--use-flash-attn": "needs flash-attn / TransformerEngine (CUDA); local attention is used",
-    "--overlap-grad-reduce": "not wired in selfmoe yet: gradients are all-reduced after the backward pass",
     "--overlap-param-gather": "not wired in selfmoe yet: parameters are gathered after the optimizer step",
     "--align-param-gather": "not wired in selfmoe yet (goes with --overlap-param-gather)",
     "--overlap-param-gather-with-optimizer-step": "not wired in selfmoe yet (goes with --overlap-param-gather)",
@@ -490,8 +514,11 @@ def validate_megatron_flags(args, error) -> None:
         args.ckpt_format = "torch_dist"
     elif fmt not in CKPT_FORMATS:
         raise error(f"--ckpt-format {fmt}: selfmoe writes and reads {', '.join(CKPT_FORMATS)} only")
-    if getattr(args, "transformer_impl", None) == "transformer_engine":
-        note_ignored(args, "--transformer-impl transformer_engine", _TE)
+    te_reason = te_spec_reason(args)
+    if getattr(args, "transformer_impl", None) == "transformer_engine" and te_reason:
+        note_ignored(args, "--transformer-impl transformer_engine", f"megatron-core's local layer spec is used "
+                                                                    f"({te_reason})")
+
     if getattr(args, "recompute_activations", False):
         args.recompute_granularity = "selective"  # Megatron-LM's meaning of the legacy switch
     if getattr(args, "exit_on_missing_checkpoint", False):

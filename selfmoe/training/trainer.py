@@ -85,7 +85,8 @@ def build_model(args, config, model_provider) -> list:
         ddp_config = DistributedDataParallelConfig(
             # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
             grad_reduce_in_fp32=args.bf16 or getattr(args, "accumulate_allreduce_grads_in_fp32", False),
-            overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
+            use_distributed_optimizer=args.use_distributed_optimizer,
             check_for_nan_in_grad=False,
         )
         # Megatron-LM: only the first chunk's grads are bucketed
@@ -137,11 +138,18 @@ def build_scheduler(args, optimizer):
     return scheduler
 
 
-def wire_config(config, optimizer) -> None:
-    """The hooks get_forward_backward_func reads from the config (as Megatron-LM's training.py sets them)."""
+def wire_config(config, optimizer, model=None) -> None:
+    """The hooks get_forward_backward_func reads from the config (as Megatron-LM's training.py sets
+    them). With --overlap-grad-reduce (model given, its DDP built with overlap_grad_reduce) the
+    schedule runs all but the last micro-batch under DDP's no_sync and starts each bucket's
+    reduction as its gradients are ready; finalize_model_grads waits for them."""
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = None  # grads are reduced once, in finalize_model_grads
+    config.grad_sync_func = None
+    if model is not None and isinstance(model[0], DistributedDataParallel) and model[0].ddp_config.overlap_grad_reduce:
+        config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+        config.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
     config.param_sync_func = None
     config.timers = None
 
@@ -348,7 +356,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
     else:
         model = build_model(args, config, model_provider)
         optimizer, scheduler = build_optimizer(args, model)
-        wire_config(config, optimizer)
+        wire_config(config, optimizer, model)
         kinds = sorted({type(o).__name__ for o in checkpointing.chained_optimizers(optimizer)})
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
         logger.print(f"optimizer {'+'.join(kinds)} ({args.optimizer}, {precision} model)")
