@@ -136,7 +136,9 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int)
     g.add_argument("--global-batch-size", type=int, help="default micro * data-parallel size")
-    g.add_argument("--rampup-batch-size", nargs=3)
+    g.add_argument("--rampup-batch-size", nargs=3, metavar=("START", "INCREMENT", "RAMPUP_SAMPLES"),
+                   help="with --train-samples: the global batch grows from START by INCREMENT to "
+                        "--global-batch-size over RAMPUP_SAMPLES samples (megatron-core's calculator)")
     g.add_argument("--train-iters", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--min-lr", type=float, default=0.0)
@@ -552,10 +554,8 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
         raise ArgumentError(f"the interleaved pipeline needs the micro-batches per step ({nmb} = --global-batch-size / "
                             f"(--micro-batch-size x data-parallel size)) to be a multiple of "
                             f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+    _validate_rampup(args)
     _validate_sample_schedule(args)
-    if args.rampup_batch_size is not None:
-        raise ArgumentError("--rampup-batch-size: batch-size rampup is not supported with --train-iters "
-                            "(Megatron-LM refuses it too)")
 
     # learning rate schedule
     if args.min_lr > args.lr:
@@ -622,6 +622,52 @@ def _validate_attention_variants(args) -> None:
         note_ignored(args, "--mtp-loss-scaling-factor", "needs --mtp-num-layers")
 
 
+def _validate_rampup(args) -> None:
+    """--rampup-batch-size START INCREMENT SAMPLES, Megatron-LM's batch-size ramp-up (sample-based
+    schedules only): every batch size on the way must split into whole micro-batches."""
+    if args.rampup_batch_size is None:
+        return
+    if args.train_samples is None:
+        raise ArgumentError("--rampup-batch-size needs --train-samples (a sample-based schedule; Megatron-LM "
+                            "refuses it with --train-iters too)")
+    if args.deepspeed:
+        raise ArgumentError("--rampup-batch-size with --deepspeed: DeepSpeed's engine keeps one gradient "
+                            "accumulation count; drop one of the two")
+    try:
+        start, inc, samples = (int(x) for x in args.rampup_batch_size)
+    except ValueError:
+        raise ArgumentError(f"--rampup-batch-size takes three integers (start batch size, increment, ramp-up "
+                            f"samples), got {' '.join(args.rampup_batch_size)}") from None
+    unit, gbs = args.micro_batch_size * args.data_parallel_size, args.global_batch_size
+    if start <= 0 or inc <= 0 or samples < 0:
+        raise ArgumentError(f"--rampup-batch-size {start} {inc} {samples}: start and increment must be > 0, "
+                            f"ramp-up samples >= 0")
+    if start >= gbs or (gbs - start) % inc:
+        raise ArgumentError(f"--rampup-batch-size {start} {inc} {samples}: --global-batch-size {gbs} must be larger "
+                            f"than the start and reached from it in whole increments")
+    if start % unit or inc % unit:
+        raise ArgumentError(f"--rampup-batch-size {start} {inc} {samples}: start and increment must be multiples of "
+                            f"--micro-batch-size x data-parallel size ({unit})")
+    args.rampup_batch_size = [start, inc, samples]
+
+
+def rampup_iterations(args) -> int:
+    """Optimizer steps of a sample-based run with batch-size ramp-up (Megatron-LM's rule): the
+    ramp-up steps, each of the batch size megatron-core's calculator gives at that many consumed
+    samples, then --train-samples' remainder in full batches (a partial last batch dropped)."""
+    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+    start, inc, samples = args.rampup_batch_size
+    calc = RampupBatchsizeNumMicroBatchesCalculator(args.global_batch_size, args.micro_batch_size,
+                                                    args.data_parallel_size, False, -1, start, inc, samples)
+    iterations = consumed = 0
+    while consumed <= samples and consumed <= args.train_samples:
+        calc.update(consumed, consistency_check=False)
+        consumed += calc.get_current_global_batch_size()
+        iterations += 1
+    return iterations + max(0, args.train_samples - consumed) // args.global_batch_size
+
+
 def _validate_sample_schedule(args) -> None:
     """Megatron-LM's two schedules: in iterations (--train-iters, --lr-*-iters) or in samples
     (--train-samples, --lr-*-samples), never mixed. Samples are what the scheduler counts anyway."""
@@ -640,7 +686,8 @@ def _validate_sample_schedule(args) -> None:
                                 f"--{f.replace('_iters', '_samples').replace('_', '-')}")
     if args.lr_warmup_iters:
         raise ArgumentError("--lr-warmup-iters with --train-samples: give --lr-warmup-samples")
-    args.train_iters = args.train_samples // args.global_batch_size
+    args.train_iters = rampup_iterations(args) if args.rampup_batch_size else \
+        args.train_samples // args.global_batch_size
     if args.train_iters < 1:
         raise ArgumentError(f"--train-samples {args.train_samples} is less than one global batch "
                             f"({args.global_batch_size})")

@@ -30,7 +30,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.num_microbatches_calculator import (
+    get_current_global_batch_size,
+    get_num_microbatches,
+    update_num_microbatches,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -241,7 +245,7 @@ def train_step(forward_step, data_iterator, model, optimizer, scheduler, args, c
         return (loss if math.isfinite(loss) else float("nan")), None, True
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
-        scheduler.step(increment=args.global_batch_size)
+        scheduler.step(increment=get_current_global_batch_size())  # --global-batch-size, or the ramp-up's
     if config.num_moe_experts and config.moe_router_type == "routing-free":
         from selfmoe.routers.routing_free import update_balance_coefficient
 
@@ -421,6 +425,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         chunk.train()
     while state.iteration < args.train_iters:
         t0 = time.time()
+        update_num_microbatches(state.consumed_train_samples, consistency_check=True)  # --rampup-batch-size
         if ds:
             loss, grad_norm, skipped = ds.train_step(forward_step, train_iter, model[0], scheduler, args, config)
         else:
@@ -428,7 +433,9 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
                                                   loss_name)
         step_seconds = time.time() - t0
         state.iteration += 1
-        state.consumed_train_samples += args.global_batch_size
+        state.consumed_train_samples += get_current_global_batch_size()
+        if getattr(args, "rampup_batch_size", None):
+            logger.scalar("batch-size", get_current_global_batch_size(), state.iteration)
         aux = {**moe_aux_losses(config), **mtp_losses(config)}
         if skipped:
             state.skipped_iterations += 1

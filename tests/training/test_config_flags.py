@@ -121,7 +121,7 @@ COMPANIONS = {
     "--tokenizer-type": None, "--tokenizer-model": None, "--vocab-file": None, "--merge-file": None,
     "--load": None, "--finetune": None, "--no-load-optim": None, "--no-load-rng": None,  # test_checkpointing
     "--use-checkpoint-opt_param-scheduler": None, "--override-opt_param-scheduler": None,
-    "--rampup-batch-size": None,  # refused in one line
+    "--rampup-batch-size": None,  # needs --train-samples and a batch schedule: test_schedule_flags
     "--train-samples": None, "--lr-decay-samples": None, "--lr-warmup-samples": None,  # test_schedule_flags
     "--lr-wsd-decay-samples": None,
     "--moe-layer-freq": None,  # the layer-spec helper's flag

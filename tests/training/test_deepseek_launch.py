@@ -51,7 +51,7 @@ DEEPSEEK_V3 = """--distributed-timeout-minutes 60 --tensor-model-parallel-size 1
 # What cannot take effect on this machine (no CUDA, no TransformerEngine/DeepEP, no Megatron FSDP),
 # each listed at start-up with its reason.
 LISTED = {
-    "--overlap-grad-reduce", "--overlap-param-gather", "--use-mcore-models", "--use-flash-attn",
+    "--overlap-param-gather", "--use-mcore-models", "--use-flash-attn",
     "--no-check-for-nan-in-loss-and-grad", "--manual-gc", "--manual-gc-interval",
     "--no-create-attention-mask-in-dataloader", "--num-workers", "--auto-detect-ckpt-format", "--dist-ckpt-strictness",
     "--log-timers-to-tensorboard", "--log-memory-to-tensorboard", "--log-num-zeros-in-grad", "--log-params-norm",

@@ -217,7 +217,7 @@ def test_qwen3_moe_style_launch_builds_the_model_it_describes(mp):
     for router in ("learned", "self"):
         args = parse_args(QWEN3 + ["--moe-router-type", router])
         assert {"--moe-grouped-gemm", "--moe-permute-fusion", "--attention-backend", "--cross-entropy-loss-fusion",
-                "--manual-gc", "--overlap-grad-reduce", "--overlap-param-gather"} == set(args.ignored_flags)
+                "--manual-gc", "--overlap-param-gather"} == set(args.ignored_flags)
         assert args.train_iters == 10
         c = args_to_config(args)
         assert (c.qk_layernorm, c.recompute_granularity, c.moe_router_dtype) == (True, "full", "fp32")
