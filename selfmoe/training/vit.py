@@ -34,7 +34,8 @@ VIT_DEMO_DEFAULTS = dict(
 # GPT data/tokenizer flags that mean nothing for an image classifier: refused, not dropped.
 GPT_ONLY = ("mock_data", "train_data_path", "valid_data_path", "test_data_path", "split", "data_cache_path",
             "tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size", "reset_position_ids",
-            "reset_attention_mask", "eod_mask_loss", "untie_embeddings_and_output_weights")
+            "reset_attention_mask", "eod_mask_loss", "untie_embeddings_and_output_weights",
+            "multi_latent_attention", "mtp_num_layers", "use_rope_scaling")  # the GPT builder's attention/heads
 
 
 def add_vision_args(parser):
