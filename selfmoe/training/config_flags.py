@@ -289,6 +289,8 @@ def te_spec_reason(args, cuda_available: bool | None = None) -> str | None:
     """None when the run uses megatron-core's TransformerEngine layer spec, else why not."""
     from selfmoe.models import gpt
 
+    if getattr(args, "local_spec_reason", None):  # a model family that builds the local spec only (ViT)
+        return args.local_spec_reason
     if cuda_available is None:
         backend = gpt.layer_spec_backend(argparse.Namespace(transformer_impl=_impl(args)))
     elif getattr(args, "transformer_impl", None) == "local":

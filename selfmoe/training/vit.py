@@ -75,6 +75,8 @@ def prepare_vision_args(args) -> None:
     """Before the shared validation: the transformer's sequence is the image's patches."""
     from selfmoe.models.vit import num_tokens
 
+    args.local_spec_reason = "pretrain_vit.py builds megatron-core's local spec"  # TE-spec flags: listed
+
     for name in ("img_h", "img_w", "patch_dim", "num_classes"):
         if getattr(args, name) <= 0:
             raise ArgumentError(f"--{name.replace('_', '-')} must be > 0")
