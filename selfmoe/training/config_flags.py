@@ -112,7 +112,6 @@ NEEDS = {
         "account_for_loss_in_pipeline_split", "moe_per_layer_logging", "moe_enable_routing_replay",
         "moe_extended_tp", "batch_invariant_mode",
         "init_model_with_meta_device", "moe_apply_probs_on_input", "attention_output_gate",
-        "moe_router_force_load_balancing",
     )},
     **{f: _HYBRID for f in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
                             "use_mamba_mem_eff_path")},
@@ -573,6 +572,7 @@ def validate_megatron_flags(args, error) -> None:
             "--moe-router-topk-scaling-factor": args.moe_router_topk_scaling_factor is not None,
             "--moe-input-jitter-eps": args.moe_input_jitter_eps is not None,
             "--moe-router-dtype": args.moe_router_dtype is not None,
+            "--moe-router-force-load-balancing": getattr(args, "moe_router_force_load_balancing", False),
         }
         for flag, given in scored_only.items():
             if given:

@@ -59,7 +59,7 @@ LISTED = {
     "--use-megatron-fsdp", "--data-parallel-sharding-strategy", "--no-gradient-accumulation-fusion",
     "--fsdp-double-buffer", "--use-nccl-ub", "--megatron-fsdp-grad-comm-dtype", "--megatron-fsdp-main-grads-dtype",
     "--ckpt-format fsdp_dtensor", "--transformer-impl transformer_engine", "--recompute-modules mla_up_proj",
-    "--recompute-modules layernorm", "--init-model-with-meta-device", "--moe-router-force-load-balancing",
+    "--recompute-modules layernorm", "--init-model-with-meta-device",
     "--moe-grouped-gemm", "--moe-flex-dispatcher-backend", "--moe-permute-fusion", "--moe-token-dispatcher-type flex",
 }
 H, NH, E, V = 32, 4, 8, 64  # V: 60 ids + eod padded to a multiple of 32
@@ -96,6 +96,26 @@ def test_deepseek_v3_launch_builds_the_model_it_describes(mp, router):
     assert model.decoder.layers[1].mlp.shared_experts is not None
     assert type(model.mtp.layers[0].transformer_layer.mlp.router).__name__ == type(
         model.decoder.layers[2].mlp.router).__name__
+
+
+@pytest.mark.parametrize("router", ["learned", "self"])
+def test_force_load_balancing_routes_by_random_scores(mp, router):
+    """--moe-router-force-load-balancing (megatron-core's benchmark mode, in the script) reaches the
+    router: its choices then change from call to call on the same tokens (random scores), while
+    without it the same tokens get the same experts."""
+    from selfmoe.routers import moe_layers
+
+    c = args_to_config(parse_args(DEEPSEEK_V3 + ["--moe-router-type", router]))
+    assert c.moe_router_force_load_balancing
+    torch.manual_seed(0)
+    router_ = moe_layers(build_gpt_model(c))[0].router
+    x = torch.randn(64, 1, H)
+    with torch.no_grad():
+        forced = [router_(x)[1] for _ in range(2)]
+        c.moe_router_force_load_balancing = False
+        own = [router_(x)[1] for _ in range(2)]
+    assert torch.equal(own[0], own[1]) and not torch.equal(forced[0], forced[1])
+    assert (forced[0].sum(-1) == 2).all()  # still top-2 per token
 
 
 def _run(argv, nproc):
