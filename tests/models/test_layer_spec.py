@@ -61,6 +61,10 @@ def test_te_spec_classes_where_te_is_installed():
     assert sub.self_attention.submodules.linear_qkv is TELayerNormColumnParallelLinear
     assert sub.mlp.submodules.experts.module is TEGroupedMLP
     assert sub.mlp.submodules.router is get_router_class("self")
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    block = gpt.transformer_layer_spec(tiny_config("self", moe_layer_freq=[0, 1]))  # dense + MoE layers
+    assert block.layer_norm is TENorm  # the final norm (the layers' own is fused into their QKV)
 
 
 def test_te_spec_flags_are_honoured_only_with_the_te_spec(monkeypatch):
