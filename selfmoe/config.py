@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch.nn.functional as F
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 ROUTER_TYPES = ("learned", "self", "random", "hash", "routing-free")
 # Routers with no score function: Megatron-Core's softmax options do not apply to them.
@@ -40,6 +40,8 @@ class SelfMoEConfig(TransformerConfig):
     position_embedding_type: str = "learned_absolute"  # or "rope"
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    rope_scaling: bool = False  # Llama 3.x RoPE frequency scaling (GPTModel's rope_scaling)
+    rope_scaling_factor: float = 8.0
     untie_embeddings_and_output_weights: bool = False
     model_style: str = "gpt2"  # "gpt2" | "mixtral", informational: set by make_config
 
@@ -86,6 +88,18 @@ class SelfMoEConfig(TransformerConfig):
         else:
             super().__post_init__()
         validate_router_options(self)
+
+
+@dataclass
+class SelfMoEMLAConfig(SelfMoEConfig, MLATransformerConfig):
+    """SelfMoEConfig with Megatron-Core's multi-latent attention fields (MLATransformerConfig:
+    q/kv LoRA ranks, head dims, RoPE/YaRN settings), as Megatron-LM switches its config class
+    under --multi-latent-attention. Built by make_config when multi_latent_attention is set."""
+
+
+def config_class(multi_latent_attention: bool = False):
+    """The config dataclass for a model with (or without) multi-latent attention."""
+    return SelfMoEMLAConfig if multi_latent_attention else SelfMoEConfig
 
 
 def validate_router_options(c: SelfMoEConfig) -> None:
@@ -170,7 +184,7 @@ def make_config(style: str = "gpt2", **overrides) -> SelfMoEConfig:
     if kwargs.get("max_position_embeddings", 0) <= 0 and "seq_length" in kwargs:
         kwargs["max_position_embeddings"] = kwargs["seq_length"]
     kwargs.pop("seq_length", None)
-    return SelfMoEConfig(**kwargs)
+    return config_class(kwargs.get("multi_latent_attention", False))(**kwargs)
 
 
 def config_fingerprint(c: SelfMoEConfig) -> dict:

@@ -192,7 +192,42 @@ def apply_patches(version: str | None = None) -> list[str]:
     disp = token_dispatcher.MoEAlltoAllTokenDispatcher
     disp.preprocess = _alltoall_capacity_at_most_tokens(disp.preprocess)
     _patches.append("alltoall_capacity_at_most_tokens")
+    from megatron.core.extensions import transformer_engine as te_extension
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if mla.HAVE_TE and not te_extension.HAVE_TE:
+        # megatron-core 0.16.1 fault: without TransformerEngine, megatron.core.extensions.
+        # transformer_engine still imports (its classes built on a MagicMock), so MLA's HAVE_TE is
+        # True and MLASelfAttention.__init__ fails on isinstance(linear_proj, <MagicMock TELinear>).
+        mla.HAVE_TE = False
+        _patches.append("mla_have_te_without_te")
     return applied_patches()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-latent attention on megatron-core's local spec (no TransformerEngine).
+
+def mla_local_core_attention():
+    """The local core-attention class for MLASelfAttention. megatron-core 0.16.1 (and Megatron-LM
+    main at d98e8a6) builds MLA's core attention with `k_channels=` and `v_channels=` (query/key
+    and value head widths differ: qk_head_dim + qk_pos_emb_head_dim vs v_head_dim), which only
+    TransformerEngine's attention accepts: `get_gpt_layer_local_spec(multi_latent_attention=True)`
+    fails with "DotProductAttention.__init__() got an unexpected keyword argument 'k_channels'".
+    This subclass takes both and sizes its output by v_channels; scores come from the tensors and
+    MLA passes its own softmax scale. Selected by the model builder (a spec choice, not a patch)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if v_channels is not None:
+                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    return MLADotProductAttention
+
+
+MLADotProductAttention = mla_local_core_attention()
 
 
 apply_patches()

@@ -6,7 +6,8 @@ Megatron-LM's flags are read from its source (megatron/training/arguments.py and
 dataclasses its ArgumentGroupFactory turns into flags), without importing it: it is not a
 dependency here. Each flag is then looked up in selfmoe's parser:
 - honoured: accepted and taken into account on every device;
-- CUDA only: accepted, honoured when CUDA is present, listed as ignored without it;
+- CUDA only: accepted, honoured when CUDA (for TransformerEngine-spec flags: TE and CUDA) is
+  present, listed as ignored without it;
 - ignored: accepted and listed at start-up as ignored, with the reason;
 - unknown: refused by the parser (`error: unrecognized arguments`).
 Counts are by Megatron-LM's argument group (its `_add_<group>_args` functions).
@@ -110,8 +111,10 @@ def classify(flag: str, parser, ignored: set, derived_needs: dict) -> str:
     if flag in ignored:
         return "ignored"
     needs = derived_needs.get(action.dest)
-    if needs == "cuda":
+    if needs in ("cuda", "te"):  # "te": honoured with megatron-core's TransformerEngine spec (TE + CUDA)
         return "CUDA only"
+    if needs == "needs --multi-latent-attention":  # MLATransformerConfig's own fields: honoured under MLA
+        return "honoured"
     if needs:
         return "ignored"
     if action.dest in ("use_legacy_models",):

@@ -32,9 +32,10 @@ def config_from_fingerprint(fp: dict, **overrides):
     """
     import torch.nn.functional as F
 
-    from selfmoe.config import SelfMoEConfig
+    from selfmoe.config import config_class
 
-    names = {f.name for f in dataclasses.fields(SelfMoEConfig) if f.init}
+    cls = config_class(bool(fp.get("multi_latent_attention")))
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     # moe_layer_freq stays a list: Megatron-Core's TransformerBlock keys mixed dense/MoE layers apart
     # in checkpoints only for `isinstance(moe_layer_freq, list)` (a tuple fails to load)
     kw = {k: (tuple(v) if isinstance(v, list) and k != "moe_layer_freq" else v) for k, v in fp.items() if k in names}
@@ -43,7 +44,7 @@ def config_from_fingerprint(fp: dict, **overrides):
     kw.update(overrides)
     kw["activation_func"] = F.silu if kw.get("gated_linear_unit") else F.gelu
     try:
-        return SelfMoEConfig(**kw)
+        return cls(**kw)
     except (ValueError, AssertionError, TypeError) as e:
         raise ConversionError(f"invalid model config: {' '.join(str(e).split())}") from None
 

@@ -89,4 +89,11 @@ def block_spec(config, layer_spec, vp_stage=None, per_layer: bool = False):
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     local = [layer_spec(bool(pattern[i]), i) for i in range(offset, offset + n)]
-    return TransformerBlockSubmodules(layer_specs=local, layer_norm=local[0].submodules.input_layernorm)
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    norm = local[0].submodules.input_layernorm
+    if norm is IdentityOp:  # TransformerEngine spec: the layer's norm is fused into its QKV projection
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm  # the final norm megatron-core's get_gpt_decoder_block_spec gives a TE block
+    return TransformerBlockSubmodules(layer_specs=local, layer_norm=norm)

@@ -21,7 +21,7 @@ import sys
 # "*": any number of values). TransformerConfig's own fields are derived (config_flags.py).
 IGNORED_FLAGS = {
     "--use-mcore-models": 0, "--use-flash-attn": 0,
-    "--overlap-grad-reduce": 0, "--overlap-param-gather": 0, "--align-param-gather": 0,
+    "--overlap-param-gather": 0, "--align-param-gather": 0,
     "--overlap-param-gather-with-optimizer-step": 0,
     "--bias-gelu-fusion": 0, "--no-bias-gelu-fusion": 0, "--no-bias-swiglu-fusion": 0,
     "--no-bias-dropout-fusion": 0, "--no-rope-fusion": 0, "--no-persist-layer-norm": 0,
@@ -41,6 +41,9 @@ IGNORED_FLAGS = {
     "--log-loss-scale-to-tensorboard": 0, "--timing-log-level": None, "--timing-log-option": None,
     "--wandb-project": None, "--wandb-exp-name": None, "--wandb-save-dir": None, "--wandb-entity": None,
     "--local-rank": None, "--local_rank": None,
+    "--no-create-attention-mask-in-dataloader": 0, "--dist-ckpt-strictness": None, "--logging-level": None,
+    "--enable-experimental": 0, "--data-parallel-sharding-strategy": None, "--fsdp-double-buffer": 0,
+    "--use-nccl-ub": 0, "--megatron-fsdp-grad-comm-dtype": None, "--megatron-fsdp-main-grads-dtype": None,
 }
 
 ROUTER_TYPES = ("learned", "self", "random", "hash", "routing-free")
@@ -103,11 +106,16 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--num-query-groups", type=int, default=1)
     g.add_argument("--seq-length", type=int)
     g.add_argument("--max-position-embeddings", type=int, help="default: --seq-length")
-    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default="learned_absolute")
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope", "none"),
+                   default="learned_absolute", help="none: no position information outside attention (MLA keeps "
+                                                    "its own rotary embedding)")
     g.add_argument("--use-rotary-position-embeddings", action="store_true", help="legacy: same as rope")
     g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false")
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.x RoPE frequency scaling (megatron-core's RotaryEmbedding(rope_scaling=True))")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="with --use-rope-scaling (Llama 3.x: 8)")
     g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true")
@@ -133,7 +141,9 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int)
     g.add_argument("--global-batch-size", type=int, help="default micro * data-parallel size")
-    g.add_argument("--rampup-batch-size", nargs=3)
+    g.add_argument("--rampup-batch-size", nargs=3, metavar=("START", "INCREMENT", "RAMPUP_SAMPLES"),
+                   help="with --train-samples: the global batch grows from START by INCREMENT to "
+                        "--global-batch-size over RAMPUP_SAMPLES samples (megatron-core's calculator)")
     g.add_argument("--train-iters", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--min-lr", type=float, default=0.0)
@@ -172,6 +182,9 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="Megatron-Core DDP: all-reduce (or reduce-scatter) each gradient bucket during the last "
+                        "micro-batch's backward pass")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Megatron-Core's DistributedOptimizer: optimizer state sharded over data-parallel ranks")
 
@@ -383,6 +396,12 @@ def _positive(args, *names):
 
 
 def _validate_optimizer_sharding(args) -> None:
+    if args.deepspeed and args.overlap_grad_reduce:
+        from selfmoe.training.config_flags import note_ignored
+
+        note_ignored(args, "--overlap-grad-reduce", "with --deepspeed the DeepSpeed engine reduces gradients "
+                                                    "(its JSON's zero_optimization.overlap_comm)")
+        args.overlap_grad_reduce = False
     if args.deepspeed_config and not args.deepspeed:
         raise ArgumentError("--deepspeed-config given without --deepspeed")
     if not args.deepspeed:
@@ -442,6 +461,7 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
         args.position_embedding_type = "rope"
     if not args.add_position_embedding and args.position_embedding_type != "rope":
         raise ArgumentError("--no-position-embedding needs --position-embedding-type rope")
+    _validate_attention_variants(args)
     if args.kv_channels is None:
         if args.hidden_size % args.num_attention_heads:
             raise ArgumentError(f"--hidden-size {args.hidden_size} is not divisible by "
@@ -517,8 +537,12 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
             args.add_bias_linear = False
             args.notes.append("--num-experts without TransformerEngine: linear biases disabled, as with "
                               "--disable-bias-linear (megatron-core's local MoE experts cannot train with them)")
-        if args.moe_token_dispatcher_type == "flex":
-            raise ArgumentError("--moe-token-dispatcher-type flex needs DeepEP (CUDA); use allgather or alltoall")
+        if args.moe_token_dispatcher_type == "flex":  # megatron-core's flex dispatcher is DeepEP/HybridEP's
+            from selfmoe.training.config_flags import note_ignored
+
+            note_ignored(args, "--moe-token-dispatcher-type flex", "needs DeepEP or HybridEP (CUDA), not installed; "
+                                                                   "the alltoall dispatcher is used (same routing)")
+            args.moe_token_dispatcher_type = "alltoall"
         from selfmoe.models.moe_spec import parse_moe_layer_freq
 
         try:  # Megatron-LM: N (every N-th layer is MoE) or a list expression such as "([0]+[1]*23)"
@@ -541,10 +565,8 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
         raise ArgumentError(f"the interleaved pipeline needs the micro-batches per step ({nmb} = --global-batch-size / "
                             f"(--micro-batch-size x data-parallel size)) to be a multiple of "
                             f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+    _validate_rampup(args)
     _validate_sample_schedule(args)
-    if args.rampup_batch_size is not None:
-        raise ArgumentError("--rampup-batch-size: batch-size rampup is not supported with --train-iters "
-                            "(Megatron-LM refuses it too)")
 
     # learning rate schedule
     if args.min_lr > args.lr:
@@ -583,6 +605,80 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
     args_to_config(args)  # the config's own checks (router options), still before any model exists
 
 
+def _validate_attention_variants(args) -> None:
+    """Multi-latent attention, multi-token prediction and RoPE scaling: Megatron-LM's refusals,
+    and the flags that mean nothing without their companion listed as ignored."""
+    from selfmoe.training.config_flags import note_ignored
+
+    if args.multi_latent_attention:
+        if args.group_query_attention:
+            raise ArgumentError("--multi-latent-attention and --group-query-attention are mutually exclusive "
+                                "(MLA compresses keys and values itself)")
+        if getattr(args, "qk_l2_norm", False):
+            raise ArgumentError("--qk-l2-norm is not supported with --multi-latent-attention (megatron-core)")
+    rope = args.position_embedding_type == "rope" and not args.multi_latent_attention
+    if args.use_rope_scaling and not rope:
+        note_ignored(args, "--use-rope-scaling", "needs --position-embedding-type rope without "
+                                                 "--multi-latent-attention (MLA scales its RoPE with YaRN: "
+                                                 "--rotary-scaling-factor)")
+        args.use_rope_scaling = False
+    if args.rope_scaling_factor != 8.0 and not args.use_rope_scaling:
+        note_ignored(args, "--rope-scaling-factor", "needs --use-rope-scaling")
+        args.rope_scaling_factor = 8.0
+    if args.mtp_num_layers:
+        if args.pipeline_model_parallel_size > 1:
+            raise ArgumentError("--mtp-num-layers with --pipeline-model-parallel-size > 1 is not supported in "
+                                "selfmoe yet (the MTP block and its embedding copy on the last stage are untested)")
+    elif args.mtp_loss_scaling_factor != 0.1:
+        note_ignored(args, "--mtp-loss-scaling-factor", "needs --mtp-num-layers")
+
+
+def _validate_rampup(args) -> None:
+    """--rampup-batch-size START INCREMENT SAMPLES, Megatron-LM's batch-size ramp-up (sample-based
+    schedules only): every batch size on the way must split into whole micro-batches."""
+    if args.rampup_batch_size is None:
+        return
+    if args.train_samples is None:
+        raise ArgumentError("--rampup-batch-size needs --train-samples (a sample-based schedule; Megatron-LM "
+                            "refuses it with --train-iters too)")
+    if args.deepspeed:
+        raise ArgumentError("--rampup-batch-size with --deepspeed: DeepSpeed's engine keeps one gradient "
+                            "accumulation count; drop one of the two")
+    try:
+        start, inc, samples = (int(x) for x in args.rampup_batch_size)
+    except ValueError:
+        raise ArgumentError(f"--rampup-batch-size takes three integers (start batch size, increment, ramp-up "
+                            f"samples), got {' '.join(args.rampup_batch_size)}") from None
+    unit, gbs = args.micro_batch_size * args.data_parallel_size, args.global_batch_size
+    if start <= 0 or inc <= 0 or samples < 0:
+        raise ArgumentError(f"--rampup-batch-size {start} {inc} {samples}: start and increment must be > 0, "
+                            f"ramp-up samples >= 0")
+    if start >= gbs or (gbs - start) % inc:
+        raise ArgumentError(f"--rampup-batch-size {start} {inc} {samples}: --global-batch-size {gbs} must be larger "
+                            f"than the start and reached from it in whole increments")
+    if start % unit or inc % unit:
+        raise ArgumentError(f"--rampup-batch-size {start} {inc} {samples}: start and increment must be multiples of "
+                            f"--micro-batch-size x data-parallel size ({unit})")
+    args.rampup_batch_size = [start, inc, samples]
+
+
+def rampup_iterations(args) -> int:
+    """Optimizer steps of a sample-based run with batch-size ramp-up (Megatron-LM's rule): the
+    ramp-up steps, each of the batch size megatron-core's calculator gives at that many consumed
+    samples, then --train-samples' remainder in full batches (a partial last batch dropped)."""
+    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+    start, inc, samples = args.rampup_batch_size
+    calc = RampupBatchsizeNumMicroBatchesCalculator(args.global_batch_size, args.micro_batch_size,
+                                                    args.data_parallel_size, False, -1, start, inc, samples)
+    iterations = consumed = 0
+    while consumed <= samples and consumed <= args.train_samples:
+        calc.update(consumed, consistency_check=False)
+        consumed += calc.get_current_global_batch_size()
+        iterations += 1
+    return iterations + max(0, args.train_samples - consumed) // args.global_batch_size
+
+
 def _validate_sample_schedule(args) -> None:
     """Megatron-LM's two schedules: in iterations (--train-iters, --lr-*-iters) or in samples
     (--train-samples, --lr-*-samples), never mixed. Samples are what the scheduler counts anyway."""
@@ -601,7 +697,8 @@ def _validate_sample_schedule(args) -> None:
                                 f"--{f.replace('_iters', '_samples').replace('_', '-')}")
     if args.lr_warmup_iters:
         raise ArgumentError("--lr-warmup-iters with --train-samples: give --lr-warmup-samples")
-    args.train_iters = args.train_samples // args.global_batch_size
+    args.train_iters = rampup_iterations(args) if args.rampup_batch_size else \
+        args.train_samples // args.global_batch_size
     if args.train_iters < 1:
         raise ArgumentError(f"--train-samples {args.train_samples} is less than one global batch "
                             f"({args.global_batch_size})")
@@ -727,7 +824,8 @@ def args_to_config(args):
         qk_layernorm=args.qk_layernorm,
         vocab_size=getattr(args, "padded_vocab_size", 0), max_position_embeddings=args.max_position_embeddings,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-        rotary_percent=args.rotary_percent, untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        rotary_percent=args.rotary_percent, rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor, untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
@@ -735,6 +833,8 @@ def args_to_config(args):
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,
         bf16=args.bf16, fp16=args.fp16, params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        transformer_impl=args.transformer_impl or "transformer_engine",  # Megatron-LM's default; the spec
+        # is TE's only where TE and CUDA are there (selfmoe.models.gpt.layer_spec_backend)
         moe_router_type=args.moe_router_type,
     )
     if args.num_experts:

@@ -65,7 +65,10 @@ FLAG_NAMES = {
     "fp8_param": "--fp8-param-gather", "fp4": "--fp4-format", "fp4_param": "--fp4-param-gather",
 }
 
-_TE = "needs TransformerEngine's layer spec (this build uses megatron-core's local spec)"
+_TE = "a TransformerEngine feature not wired in selfmoe yet"
+# Honoured where megatron-core's TransformerEngine layer spec is used (TE importable, CUDA present,
+# --transformer-impl not local: selfmoe.models.gpt.layer_spec_backend); listed with its reason elsewhere.
+TE_SPEC = "te"
 _CUDA = "CUDA only"
 _NOT_WIRED = "not wired in selfmoe yet"
 _HYBRID = "Mamba/hybrid models only (selfmoe builds GPT and ViT)"
@@ -81,8 +84,8 @@ NEEDS = {
         "num_layers_at_end_in_bf16", "fp4", "fp4_recipe", "fp4_param", "fp4_quantizer_factory", "tp_comm_overlap",
         "tp_comm_bulk_wgrad", "tp_comm_bulk_dgrad", "tp_comm_overlap_ag", "tp_comm_overlap_rs",
         "tp_comm_overlap_rs_dgrad", "tp_comm_split_ag", "tp_comm_split_rs", "tp_comm_bootstrap_backend",
-        "moe_grouped_gemm", "moe_use_legacy_grouped_gemm", "moe_permute_fusion", "moe_router_fusion",
-        "use_te_activation_func", "delay_wgrad_compute", "transformer_impl", "attention_backend", "softmax_type",
+        "moe_use_legacy_grouped_gemm",
+        "use_te_activation_func", "delay_wgrad_compute", "transformer_impl", "softmax_type",
         "use_kitchen_attention", "kitchen_attention_backend", "fine_grained_activation_offloading",
         "min_offloaded_tensor_size", "moe_router_padding_for_quantization", "moe_router_padding_for_fp8",
         "symmetric_ar_type", "cross_entropy_fusion_impl", "qk_clip", "qk_clip_alpha", "qk_clip_threshold",
@@ -92,6 +95,7 @@ NEEDS = {
         "linear_num_key_heads", "linear_num_value_heads", "hybrid_context_parallel", "max_seqlen_per_dp_cp_rank",
         "moe_latent_size",
     )},
+    **{f: TE_SPEC for f in ("moe_grouped_gemm", "moe_permute_fusion", "moe_router_fusion", "attention_backend")},
     **{f: "needs DeepEP/HybridEP (CUDA) and --moe-token-dispatcher-type flex"
        for f in ("moe_enable_deepep", "moe_flex_dispatcher_backend", "moe_deepep_num_sms", "moe_hybridep_num_sms")},
     **{f: "CUDA graphs: CUDA only, not wired in selfmoe yet"
@@ -104,16 +108,23 @@ NEEDS = {
     **{f: _NOT_WIRED for f in (
         "overlap_moe_expert_parallel_comm", "ep_overlap_early_attn_memory_release", "defer_embedding_wgrad_compute",
         "wgrad_deferral_limit", "overlap_p2p_comm_warmup_flush", "microbatch_group_size_per_vp_stage",
-        "mtp_standalone", "mtp_num_layers", "mtp_loss_scaling_factor", "account_for_embedding_in_pipeline_split",
+        "mtp_standalone", "account_for_embedding_in_pipeline_split",
         "account_for_loss_in_pipeline_split", "moe_per_layer_logging", "moe_enable_routing_replay",
-        "moe_extended_tp", "multi_latent_attention", "batch_invariant_mode",
+        "moe_extended_tp", "batch_invariant_mode",
         "init_model_with_meta_device", "moe_apply_probs_on_input", "attention_output_gate",
-        "moe_router_force_load_balancing",
     )},
     **{f: _HYBRID for f in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
                             "use_mamba_mem_eff_path")},
-    **{f: _INFERENCE for f in ("flash_decode", "inference_fuse_tp_communication", "mlp_chunks_for_prefill")},
+    **{f: _INFERENCE for f in ("flash_decode", "inference_fuse_tp_communication", "mlp_chunks_for_prefill",
+                               "cache_mla_latents")},
 }
+
+# MLATransformerConfig's own fields take effect only with --multi-latent-attention (listed as
+# ignored without it). Megatron-LM's defaults where they differ from the dataclass's (its
+# _add_mla_args; --rope-type None lets the config class choose: yarn for MLA).
+MLA_REASON = "needs --multi-latent-attention"
+MLA_DEFAULTS = {"q_lora_rank": None, "kv_lora_rank": 32, "rotary_scaling_factor": 1.0, "rope_type": None}
+MLA_CHOICES = {"rope_type": ("rope", "yarn")}
 
 # Allowed ranges: dest -> (low, low inclusive, high, high inclusive); None = unbounded.
 # Derived fields not listed get a rule from their name and type (see `domain`).
@@ -162,6 +173,19 @@ def _config_classes():
     return TransformerConfig
 
 
+def _mla_config_class():
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    return MLATransformerConfig
+
+
+@lru_cache(maxsize=None)
+def mla_fields() -> tuple:
+    """MLATransformerConfig's fields that TransformerConfig lacks (q/kv LoRA ranks, head dims, YaRN)."""
+    base = {f.name for f in dataclasses.fields(_config_classes())}
+    return tuple(f.name for f in dataclasses.fields(_mla_config_class()) if f.name not in base)
+
+
 @lru_cache(maxsize=None)
 def field_docs(cls) -> dict:
     """{field: docstring} for a dataclass and its dataclass bases (the string literal after each field)."""
@@ -200,10 +224,11 @@ def _type_kwargs(tp) -> dict | None:
 @lru_cache(maxsize=None)
 def derived_flags() -> tuple:
     """Every TransformerConfig field that becomes a flag, in field order."""
-    cls = _config_classes()
-    docs = field_docs(cls)
+    cls, mla = _config_classes(), _mla_config_class()
+    docs = {**field_docs(mla), **field_docs(cls)}
+    mla_only = set(mla_fields())
     out = []
-    for f in dataclasses.fields(cls):
+    for f in list(dataclasses.fields(cls)) + [f for f in dataclasses.fields(mla) if f.name in mla_only]:
         if f.name in NOT_FLAGS or not f.init or f.name.startswith("_"):
             continue
         kw = _type_kwargs(f.type)
@@ -211,8 +236,13 @@ def derived_flags() -> tuple:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if f.name in mla_only:
+            default = MLA_DEFAULTS.get(f.name, default)
+            if f.name in MLA_CHOICES:
+                kw["choices"] = MLA_CHOICES[f.name]
         name = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
-        help_ = docs.get(f.name, "") + f" [TransformerConfig.{f.name}]"
+        owner = "MLATransformerConfig" if f.name in mla_only else "TransformerConfig"
+        help_ = docs.get(f.name, "") + f" [{owner}.{f.name}]"
         if kw.get("type") is bool and "nargs" not in kw:
             if default:
                 flags = (f"--no-{f.name.replace('_', '-')}", f"--disable-{f.name.replace('_', '-')}")
@@ -222,7 +252,8 @@ def derived_flags() -> tuple:
         else:
             flags = (name,)
         kw.update(default=default, help=help_.replace("%", "%%"))
-        out.append(DerivedFlag(f.name, flags, kw, default, NEEDS.get(f.name)))
+        needs = NEEDS.get(f.name, MLA_REASON if f.name in mla_only else None)
+        out.append(DerivedFlag(f.name, flags, kw, default, needs))
     return tuple(out)
 
 
@@ -253,17 +284,42 @@ def derived_in(args) -> list:
     return [d for d in derived_flags() if d.field in fields]
 
 
+def te_spec_reason(args, cuda_available: bool | None = None) -> str | None:
+    """None when the run uses megatron-core's TransformerEngine layer spec, else why not."""
+    from selfmoe.models import gpt
+
+    if getattr(args, "local_spec_reason", None):  # a model family that builds the local spec only (ViT)
+        return args.local_spec_reason
+    if cuda_available is None:
+        backend = gpt.layer_spec_backend(argparse.Namespace(transformer_impl=_impl(args)))
+    elif getattr(args, "transformer_impl", None) == "local":
+        backend = ("local", "--transformer-impl local")
+    else:
+        backend = ("local", "no CUDA device") if not cuda_available else (
+            ("transformer_engine", None) if gpt.te_importable() else ("local", "TransformerEngine is not installed"))
+    return backend[1]
+
+
+def _impl(args):
+    return getattr(args, "transformer_impl", None) or "transformer_engine"
+
+
 def resolve_needs(args, cuda_available: bool | None = None) -> None:
     """Reset derived fields that cannot take effect here to their default; record flag -> reason."""
+    te_reason = te_spec_reason(args, cuda_available)
     if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
+    mla = bool(getattr(args, "multi_latent_attention", False))
     for d in derived_in(args):
         value = getattr(args, d.field)
-        if d.needs is None or value == d.default or (d.needs == "cuda" and cuda_available):
+        if d.needs is None or value == d.default or (d.needs == "cuda" and cuda_available) or \
+                (d.needs == MLA_REASON and mla) or (d.needs == TE_SPEC and te_reason is None):
             continue
         reason = "CUDA only" if d.needs == "cuda" else d.needs
+        if d.needs == TE_SPEC:
+            reason = f"needs megatron-core's TransformerEngine layer spec; the local spec is used ({te_reason})"
         note_ignored(args, d.flags[0], reason)
         setattr(args, d.field, d.default)
 
@@ -281,8 +337,15 @@ def note_ignored(args, flag: str, reason: str) -> None:
 
 
 def config_kwargs(args) -> dict:
-    """{field: value} of the derived fields, for the config."""
-    return {d.field: getattr(args, d.field) for d in derived_in(args)}
+    """{field: value} of the derived fields, for the config (MLATransformerConfig's own fields only
+    with --multi-latent-attention; a None --rope-type leaves the config class's default)."""
+    mla = bool(getattr(args, "multi_latent_attention", False))
+    out = {}
+    for d in derived_in(args):
+        if d.field in mla_fields() and not mla or d.field == "rope_type" and getattr(args, d.field) is None:
+            continue
+        out[d.field] = getattr(args, d.field)
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -361,7 +424,6 @@ _ALREADY_UNFUSED = "already so: megatron-core's local spec runs these ops unfuse
 IGNORED_REASONS = {
     "--use-mcore-models": "always so: selfmoe builds Megatron-Core models",
     "--use-flash-attn": "needs flash-attn / TransformerEngine (CUDA); local attention is used",
-    "--overlap-grad-reduce": "not wired in selfmoe yet: gradients are all-reduced after the backward pass",
     "--overlap-param-gather": "not wired in selfmoe yet: parameters are gathered after the optimizer step",
     "--align-param-gather": "not wired in selfmoe yet (goes with --overlap-param-gather)",
     "--overlap-param-gather-with-optimizer-step": "not wired in selfmoe yet (goes with --overlap-param-gather)",
@@ -400,6 +462,16 @@ IGNORED_REASONS = {
     **{f: "Weights & Biases is not wired in selfmoe (TensorBoard only)"
        for f in ("--wandb-project", "--wandb-exp-name", "--wandb-save-dir", "--wandb-entity")},
     "--local-rank": "torchrun's LOCAL_RANK is read instead", "--local_rank": "torchrun's LOCAL_RANK is read instead",
+    "--no-create-attention-mask-in-dataloader": "already so: the data loader builds an attention mask only for "
+                                                "--reset-attention-mask (causal attention comes from the layer spec)",
+    "--dist-ckpt-strictness": "not wired in selfmoe yet: a checkpoint must match the model exactly (a missing or "
+                              "unexpected key fails the load)",
+    "--logging-level": "not wired in selfmoe yet: Python's default logging level",
+    "--enable-experimental": "selfmoe uses no experimental megatron-core feature",
+    **{f: "goes with --use-megatron-fsdp (not wired in selfmoe yet: Megatron-Core DDP is used)" for f in (
+        "--data-parallel-sharding-strategy", "--fsdp-double-buffer", "--megatron-fsdp-grad-comm-dtype",
+        "--megatron-fsdp-main-grads-dtype")},
+    "--use-nccl-ub": "NCCL user buffers: CUDA only, not wired in selfmoe yet",
 }
 
 # TransformerConfig fields whose values other than the default are honoured for some values only.
@@ -443,8 +515,11 @@ def validate_megatron_flags(args, error) -> None:
         args.ckpt_format = "torch_dist"
     elif fmt not in CKPT_FORMATS:
         raise error(f"--ckpt-format {fmt}: selfmoe writes and reads {', '.join(CKPT_FORMATS)} only")
-    if getattr(args, "transformer_impl", None) == "transformer_engine":
-        note_ignored(args, "--transformer-impl transformer_engine", _TE)
+    te_reason = te_spec_reason(args)
+    if getattr(args, "transformer_impl", None) == "transformer_engine" and te_reason:
+        note_ignored(args, "--transformer-impl transformer_engine", f"megatron-core's local layer spec is used "
+                                                                    f"({te_reason})")
+
     if getattr(args, "recompute_activations", False):
         args.recompute_granularity = "selective"  # Megatron-LM's meaning of the legacy switch
     if getattr(args, "exit_on_missing_checkpoint", False):
@@ -497,6 +572,7 @@ def validate_megatron_flags(args, error) -> None:
             "--moe-router-topk-scaling-factor": args.moe_router_topk_scaling_factor is not None,
             "--moe-input-jitter-eps": args.moe_input_jitter_eps is not None,
             "--moe-router-dtype": args.moe_router_dtype is not None,
+            "--moe-router-force-load-balancing": getattr(args, "moe_router_force_load_balancing", False),
         }
         for flag, given in scored_only.items():
             if given:

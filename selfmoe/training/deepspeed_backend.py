@@ -135,6 +135,10 @@ def train_step(forward_step, data_iterator, engine, scheduler, args, config):
     sum_sequence_parallel_grads(engine.module)
     # engine.backward divides the loss by the accumulation steps; aux losses get the same scale
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / nmb))
+    if getattr(config, "mtp_num_layers", None):  # and so does the multi-token prediction loss
+        from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+        MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0 / nmb))
     stats = torch.zeros(2, dtype=torch.float64)
     for _ in range(nmb):
         output, loss_func = forward_step(data_iterator, engine)

@@ -92,7 +92,8 @@ def init_distributed(args, timeout_minutes: int = 10) -> None:
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
     )
-    init_num_microbatches_calculator(dist.get_rank(), None, args.global_batch_size, args.micro_batch_size,
+    init_num_microbatches_calculator(dist.get_rank(), getattr(args, "rampup_batch_size", None),
+                                     args.global_batch_size, args.micro_batch_size,
                                      parallel_state.get_data_parallel_world_size())
 
 

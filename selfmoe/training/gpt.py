@@ -21,7 +21,22 @@ from selfmoe.training.errors import InputError, reraise_as
 
 
 def model_provider(config, pre_process=None, post_process=None, vp_stage=None):
+    _say_layer_spec(config)
     return build_gpt_model(config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_spec_line(backend: str, why: str | None) -> None:
+    if is_last_rank():
+        print(f"layer spec: megatron-core's {'TransformerEngine spec' if why is None else f'local spec ({why})'}",
+              flush=True)
+
+
+def _say_layer_spec(config) -> None:
+    """Once per run, which of megatron-core's layer specs the model is built from, and why."""
+    from selfmoe.models.gpt import layer_spec_backend
+
+    _layer_spec_line(*layer_spec_backend(config))
 
 
 class DatasetTokenizer:

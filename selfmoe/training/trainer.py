@@ -30,7 +30,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.num_microbatches_calculator import (
+    get_current_global_batch_size,
+    get_num_microbatches,
+    update_num_microbatches,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -86,7 +90,8 @@ def build_model(args, config, model_provider) -> list:
         ddp_config = DistributedDataParallelConfig(
             # Megatron-LM: bf16 accumulates and all-reduces grads in fp32
             grad_reduce_in_fp32=args.bf16 or getattr(args, "accumulate_allreduce_grads_in_fp32", False),
-            overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
+            use_distributed_optimizer=args.use_distributed_optimizer,
             check_for_nan_in_grad=False,
         )
         # Megatron-LM: only the first chunk's grads are bucketed
@@ -138,11 +143,18 @@ def build_scheduler(args, optimizer):
     return scheduler
 
 
-def wire_config(config, optimizer) -> None:
-    """The hooks get_forward_backward_func reads from the config (as Megatron-LM's training.py sets them)."""
+def wire_config(config, optimizer, model=None) -> None:
+    """The hooks get_forward_backward_func reads from the config (as Megatron-LM's training.py sets
+    them). With --overlap-grad-reduce (model given, its DDP built with overlap_grad_reduce) the
+    schedule runs all but the last micro-batch under DDP's no_sync and starts each bucket's
+    reduction as its gradients are ready; finalize_model_grads waits for them."""
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = None  # grads are reduced once, in finalize_model_grads
+    config.grad_sync_func = None
+    if model is not None and isinstance(model[0], DistributedDataParallel) and model[0].ddp_config.overlap_grad_reduce:
+        config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+        config.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
     config.param_sync_func = None
     config.timers = None
 
@@ -195,6 +207,24 @@ def moe_aux_losses(config) -> dict:
     return out
 
 
+def mtp_losses(config) -> dict:
+    """Megatron-Core's multi-token prediction loss per depth ("mtp_1 loss", ...), averaged over
+    micro-batches and data-parallel ranks as Megatron-LM logs it, then cleared. The MTP loss itself
+    reaches the gradients through megatron-core's MTPLossAutoScaler (scaled by
+    --mtp-loss-scaling-factor / depths); the reported lm loss stays the next-token loss."""
+    if not getattr(config, "mtp_num_layers", None):
+        return {}
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    if "values" not in tracker:
+        return {}
+    MTPLossLoggingHelper.reduce_loss_in_tracker()
+    out = {f"mtp_{i + 1} loss": float(v) / get_num_microbatches() for i, v in enumerate(tracker["values"])}
+    MTPLossLoggingHelper.clean_loss_in_tracker()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # steps
 
@@ -217,7 +247,7 @@ def train_step(forward_step, data_iterator, model, optimizer, scheduler, args, c
         return (loss if math.isfinite(loss) else float("nan")), None, True
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
-        scheduler.step(increment=args.global_batch_size)
+        scheduler.step(increment=get_current_global_batch_size())  # --global-batch-size, or the ramp-up's
     if config.num_moe_experts and config.moe_router_type == "routing-free":
         from selfmoe.routers.routing_free import update_balance_coefficient
 
@@ -332,7 +362,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
     else:
         model = build_model(args, config, model_provider)
         optimizer, scheduler = build_optimizer(args, model)
-        wire_config(config, optimizer)
+        wire_config(config, optimizer, model)
         kinds = sorted({type(o).__name__ for o in checkpointing.chained_optimizers(optimizer)})
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
         logger.print(f"optimizer {'+'.join(kinds)} ({args.optimizer}, {precision} model)")
@@ -365,7 +395,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
 
     train_ds, valid_ds, _ = datasets_provider(args, train_valid_test_num_samples(args))
     train_iter = chunk_iterators(model, lambda: micro_batches(train_ds, args, state.consumed_train_samples))
-    routing = RoutingStats(model, config.num_layers, E) if E else None
+    routing = RoutingStats(model, config.num_layers + (config.mtp_num_layers or 0), E) if E else None  # + MTP depths
 
     def run_validation():
         if valid_ds is not None and args.eval_iters > 0:
@@ -397,6 +427,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         chunk.train()
     while state.iteration < args.train_iters:
         t0 = time.time()
+        update_num_microbatches(state.consumed_train_samples, consistency_check=True)  # --rampup-batch-size
         if ds:
             loss, grad_norm, skipped = ds.train_step(forward_step, train_iter, model[0], scheduler, args, config)
         else:
@@ -404,8 +435,10 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
                                                   loss_name)
         step_seconds = time.time() - t0
         state.iteration += 1
-        state.consumed_train_samples += args.global_batch_size
-        aux = moe_aux_losses(config)
+        state.consumed_train_samples += get_current_global_batch_size()
+        if getattr(args, "rampup_batch_size", None):
+            logger.scalar("batch-size", get_current_global_batch_size(), state.iteration)
+        aux = {**moe_aux_losses(config), **mtp_losses(config)}
         if skipped:
             state.skipped_iterations += 1
         nonfinite = loss is None or not math.isfinite(loss)

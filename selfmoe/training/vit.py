@@ -35,7 +35,8 @@ VIT_DEMO_DEFAULTS = dict(
 # GPT data/tokenizer flags that mean nothing for an image classifier: refused, not dropped.
 GPT_ONLY = ("mock_data", "train_data_path", "valid_data_path", "test_data_path", "split", "data_cache_path",
             "tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size", "reset_position_ids",
-            "reset_attention_mask", "eod_mask_loss", "untie_embeddings_and_output_weights")
+            "reset_attention_mask", "eod_mask_loss", "untie_embeddings_and_output_weights",
+            "multi_latent_attention", "mtp_num_layers", "use_rope_scaling")  # the GPT builder's attention/heads
 
 
 def add_vision_args(parser):
@@ -74,6 +75,8 @@ def add_vision_args(parser):
 def prepare_vision_args(args) -> None:
     """Before the shared validation: the transformer's sequence is the image's patches."""
     from selfmoe.models.vit import num_tokens
+
+    args.local_spec_reason = "pretrain_vit.py builds megatron-core's local spec"  # TE-spec flags: listed
 
     for name in ("img_h", "img_w", "patch_dim", "num_classes"):
         if getattr(args, name) <= 0:

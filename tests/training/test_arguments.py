@@ -160,14 +160,13 @@ def test_gpu_only_flags_are_accepted_and_listed_with_reasons():
                   "--overlap-grad-reduce", "--use-distributed-optimizer", "--no-masked-softmax-fusion",
                   "--distributed-backend", "nccl", "--bf16"])
     assert set(args.ignored_flags) == {"--use-flash-attn", "--transformer-impl transformer_engine",
-                                       "--moe-grouped-gemm", "--overlap-grad-reduce", "--no-masked-softmax-fusion",
-                                       "--distributed-backend"}
+                                       "--moe-grouped-gemm", "--no-masked-softmax-fusion", "--distributed-backend"}
     assert "TransformerEngine" in args.ignored_reasons["--moe-grouped-gemm"]
     assert "on CPU" not in " ".join(args.ignored_reasons.values())  # kind 7: nothing claims to be GPU-only
     # honoured on every device: recompute (megatron-core's), the distributed optimizer, mixed precision
     c = args_to_config(args)
     assert (c.recompute_granularity, c.recompute_method, c.recompute_num_layers) == ("full", "uniform", 1)
-    assert args.use_distributed_optimizer and args.bf16
+    assert args.use_distributed_optimizer and args.bf16 and args.overlap_grad_reduce
     assert "--use-distributed-optimizer" not in args.ignored_flags and "--bf16" not in args.ignored_flags
 
 

@@ -121,7 +121,7 @@ COMPANIONS = {
     "--tokenizer-type": None, "--tokenizer-model": None, "--vocab-file": None, "--merge-file": None,
     "--load": None, "--finetune": None, "--no-load-optim": None, "--no-load-rng": None,  # test_checkpointing
     "--use-checkpoint-opt_param-scheduler": None, "--override-opt_param-scheduler": None,
-    "--rampup-batch-size": None,  # refused in one line
+    "--rampup-batch-size": None,  # needs --train-samples and a batch schedule: test_schedule_flags
     "--train-samples": None, "--lr-decay-samples": None, "--lr-warmup-samples": None,  # test_schedule_flags
     "--lr-wsd-decay-samples": None,
     "--moe-layer-freq": None,  # the layer-spec helper's flag
@@ -355,3 +355,41 @@ def test_topk_router_options_are_listed_for_routers_without_scores(router):
     assert "has no learned expert scores" in args.ignored_reasons["--moe-aux-loss-coeff"]
     for scored in ("learned", "self"):  # TopKRouter subclasses: honoured
         assert not parse(MOE + ["--moe-router-type", scored, "--moe-aux-loss-coeff", "0.01"]).ignored_flags
+
+
+VIT_BASE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --micro-batch-size 2 --train-iters 10 "
+            "--lr 1e-3 --img-h 28 --img-w 28 --num-channels 1 --num-classes 10 --patch-dim 7").split()
+VIT_VALUES = {"--vit-pool": ["--vit-pool", "mean"], "--auto-augment": ["--auto-augment", "rand-m9-mstd0.5-inc1"],
+              "--repeated-aug": ["--repeated-aug", "3"], "--mixup": ["--mixup", "0.8"], "--cutmix": ["--cutmix", "1.0"],
+              "--num-workers": ["--num-workers", "0"], "--patch-dim": ["--patch-dim", "4"],
+              # the image geometry of the bundled demo data is fixed (Fashion-MNIST): other values need
+              # --data-path images (tests/training/test_vit_training.py, tests/data/test_images.py)
+              "--img-h": None, "--img-w": None, "--num-channels": None, "--num-classes": None}
+
+
+def test_every_vision_flag_is_honoured_or_listed_as_ignored():
+    """pretrain_vit.py's own flags (Megatron-LM's vision names and the DeiT recipe's) in the same
+    walk: a non-default value is accepted and read by the code that trains, or listed as ignored."""
+    from selfmoe.training.vit import add_vision_args, prepare_vision_args, validate_vision_data
+
+    gpt_dests = {a.dest for a in build_parser()._actions}
+    vision = [a for a in build_parser(add_vision_args)._actions if a.option_strings and a.dest not in gpt_dests]
+    base = parse_args(VIT_BASE, extra_args_provider=add_vision_args, prepare_args=prepare_vision_args,
+                      validate_data=validate_vision_data)
+    problems = []
+    for action in vision:
+        flag = action.option_strings[0]
+        if flag in VIT_VALUES and VIT_VALUES[flag] is None:
+            continue
+        argv = VIT_VALUES.get(flag) or _changed_argv(action, base)
+        try:
+            args = parse_args(VIT_BASE + argv, extra_args_provider=add_vision_args, prepare_args=prepare_vision_args,
+                              validate_data=validate_vision_data)
+        except SystemExit:
+            problems.append(f"{flag}: {argv} refused")
+            continue
+        if any(f.split()[0] == flag for f in args.ignored_flags):
+            continue
+        if getattr(args, action.dest) == getattr(base, action.dest) or not _read_somewhere(action.dest):
+            problems.append(f"{flag}: accepted ({argv}) but neither honoured nor listed")
+    assert len(vision) >= 20 and not problems, "\n".join(problems)

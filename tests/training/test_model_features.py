@@ -197,10 +197,7 @@ def test_calculate_per_token_loss_weights_every_token_equally(per_token):
         destroy_distributed()
 
 
-def test_qwen3_moe_style_launch_builds_the_model_it_describes(mp):
-    """The flags of a Qwen3-30B-A3B launch (Megatron-LM style), sizes shrunk, GPU flags kept: parses,
-    lists what cannot take effect here, and builds a model whose parameter count is the hand count."""
-    qwen3 = """--num-layers 2 --hidden-size 32 --ffn-hidden-size 96 --num-attention-heads 4 --group-query-attention
+QWEN3 = """--num-layers 2 --hidden-size 32 --ffn-hidden-size 96 --num-attention-heads 4 --group-query-attention
         --num-query-groups 2 --kv-channels 16 --qk-layernorm --position-embedding-type rope --rotary-base 1000000
         --normalization RMSNorm --norm-epsilon 1e-6 --swiglu --untie-embeddings-and-output-weights
         --disable-bias-linear --num-experts 4 --moe-ffn-hidden-size 24 --moe-router-topk 2
@@ -212,10 +209,15 @@ def test_qwen3_moe_style_launch_builds_the_model_it_describes(mp):
         --train-samples 40 --lr-warmup-samples 0 --lr-decay-samples 40 --lr 1e-4 --min-lr 1e-5
         --lr-decay-style cosine --exit-duration-in-mins 230 --ckpt-format torch_dist --hidden-dropout 0
         --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 60""".split()
+
+
+def test_qwen3_moe_style_launch_builds_the_model_it_describes(mp):
+    """The flags of a Qwen3-30B-A3B launch (Megatron-LM style), sizes shrunk, GPU flags kept: parses,
+    lists what cannot take effect here, and builds a model whose parameter count is the hand count."""
     for router in ("learned", "self"):
-        args = parse_args(qwen3 + ["--moe-router-type", router])
+        args = parse_args(QWEN3 + ["--moe-router-type", router])
         assert {"--moe-grouped-gemm", "--moe-permute-fusion", "--attention-backend", "--cross-entropy-loss-fusion",
-                "--manual-gc", "--overlap-grad-reduce", "--overlap-param-gather"} == set(args.ignored_flags)
+                "--manual-gc", "--overlap-param-gather"} == set(args.ignored_flags)
         assert args.train_iters == 10
         c = args_to_config(args)
         assert (c.qk_layernorm, c.recompute_granularity, c.moe_router_dtype) == (True, "full", "fp32")
@@ -230,3 +232,20 @@ def test_qwen3_moe_style_launch_builds_the_model_it_describes(mp):
                      + (E * H if router == "learned" else 0)  # router weight (self routing reads H's channels)
                      + E * (H * 2 * F + F * H))  # SwiGLU experts
         assert nparams(model) == 2 * per_layer + V * H + V * H + H, router  # + embedding, output layer, final norm
+
+
+@pytest.mark.slow
+def test_qwen3_moe_style_launch_trains_at_ep2_as_on_one_process(tmp_path):
+    """The same launch through pretrain_gpt.py with self routing, from one 1-rank checkpoint (same
+    weights in both layouts): 1 process, and 2 gloo ranks at --expert-model-parallel-size 2
+    (alltoall, as the script asks) give the same 10 losses."""
+    from test_deepseek_launch import _run, tb_scalars
+
+    argv = QWEN3 + ["--moe-router-type", "self", "--eval-iters", "0"]
+    _run(argv + ["--train-samples", "4", "--lr-decay-samples", "4", "--save", str(tmp_path / "ckpt")], 1)
+    start = ["--finetune", "--load", str(tmp_path / "ckpt")]
+    _run(argv + start + ["--tensorboard-dir", str(tmp_path / "one")], 1)
+    _run(argv + start + ["--expert-model-parallel-size", "2", "--tensorboard-dir", str(tmp_path / "ep2")], 2)
+    one, ep2 = tb_scalars(tmp_path / "one", "lm loss"), tb_scalars(tmp_path / "ep2", "lm loss")
+    assert sorted(one) == sorted(ep2) == list(range(1, 11))
+    assert ep2 == pytest.approx(one, rel=1e-5)

@@ -78,3 +78,41 @@ def test_exit_duration_saves_and_stops(tmp_path, capsys):
     assert out["iteration"] == 1
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert "exiting at iteration 1 (--exit-duration-in-mins 1e-09)" in capsys.readouterr().out
+
+
+def test_rampup_batch_size_follows_megatron_lms_schedule(tmp_path):
+    """--rampup-batch-size 2 2 12 to a global batch of 8: (8 - 2) / 2 = 3 increments, one per 12 / 3 = 4
+    consumed samples; the batch is 2 + 2 * floor(consumed / 4) while consumed <= 12, then 8. The
+    trainer takes those batches (its lr scheduler counts the samples) and stops after 40 samples'
+    worth of steps, as Megatron-LM's update_train_iters counts them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from selfmoe.training import gpt
+    from selfmoe.training.arguments import args_to_config
+    from selfmoe.training.trainer import pretrain
+
+    want, consumed = [], 0
+    while consumed <= 12:  # ramp-up
+        want.append(2 + 2 * (consumed // 4))
+        consumed += want[-1]
+    want += [8] * ((40 - consumed) // 8)
+    assert want == [2, 2, 4, 6, 8, 8, 8]
+    args = parse_args(BASE + ["--global-batch-size", "8", "--micro-batch-size", "1", "--train-samples", "40", "--rampup-batch-size", "2", "2",
+                              "12", "--lr", "1e-3", "--min-lr", "0", "--eval-iters", "0", "--log-interval", "1",
+                              "--seq-length", "8", "--tensorboard-dir", str(tmp_path)])
+    assert args.train_iters == len(want)
+    out = pretrain(args, args_to_config(args), gpt.model_provider, gpt.forward_step, gpt.datasets_provider)
+    ea = EventAccumulator(str(tmp_path))
+    ea.Reload()
+    assert [int(e.value) for e in ea.Scalars("batch-size")] == want
+    assert sorted(out["losses"]) == list(range(1, len(want) + 1))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--train-iters", "10", "--rampup-batch-size", "2", "2", "8"], "--rampup-batch-size needs --train-samples"),
+    (["--train-samples", "40", "--rampup-batch-size", "1", "2", "8"], "--rampup-batch-size 1 2 8: --global-batch-size 4 "
+                                                                       "must be larger than the start and reached"),
+    (["--train-samples", "40", "--rampup-batch-size", "2", "x", "8"], "--rampup-batch-size takes three integers"),
+])
+def test_rampup_batch_size_errors_are_one_line(extra, message):
+    assert error_of(extra).startswith(message)
