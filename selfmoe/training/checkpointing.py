@@ -17,6 +17,7 @@ previous checkpoint loadable and the latest file pointing at it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -216,6 +217,19 @@ def _tuplify(x):
 # Megatron-LM's default format for the DistributedOptimizer's state: resumes with the same
 # layout. (megatron-core 0.16's "fully_reshardable" cannot load into torch Adam: KeyError 'step'.)
 OPTIM_SHARDING = "dp_reshardable"
+# where load_checkpoint asks for the plain optimizer's tensors (regrouped afterwards)
+_PLAIN_OPTIM_REQUEST = "optimizer_tensors"
+
+
+def _optimizer_metadata(optimizer) -> dict:
+    """Megatron-LM's sharded-state-dict metadata: the plain optimizer's tensors are keyed by the
+    parameter alone (`optimizer.state.exp_avg.<param key>`, no `chained_<i>.` prefix), so they
+    reshard like the weights over any TP/PP/EP layout, whether EP>1 splits the optimizer in two
+    (dense + expert) or EP=1 keeps one."""
+    metadata = {"chained_optim_avoid_prefix": True}
+    if _is_distributed(optimizer):
+        metadata["distrib_optim_sharding_type"] = OPTIM_SHARDING
+    return metadata
 
 
 def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=False, with_rng=True) -> dict:
@@ -226,9 +240,9 @@ def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=Fal
     else:
         sd = {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
     if optimizer is not None:
-        # read by Megatron-Core's DistributedOptimizer only (as Megatron-LM passes it)
+        # Megatron-LM's metadata (read by ChainedOptimizer and DistributedOptimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(dict(sd), is_loading=is_loading,
-                                                       metadata={"distrib_optim_sharding_type": OPTIM_SHARDING})
+                                                       metadata=_optimizer_metadata(optimizer))
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -408,9 +422,9 @@ def _check_optimizer_compatible(common: dict, optimizer, path: str) -> None:
 
 
 def _check_optimizer_layout(common: dict, now: bool, path: str) -> None:
-    """The distributed optimizer's state is in buffer order: same flag and same model-parallel
-    layout to resume it (the data-parallel size may change). The plain optimizer's state of
-    expert parameters is keyed by the expert-parallel layout: an EP change cannot take it."""
+    """The distributed optimizer's state (dp_reshardable) is in buffer order: same flag and same
+    model-parallel layout to resume it (the data-parallel size may change). The plain optimizer's
+    state is keyed by parameter and reshards over any TP/PP/EP layout (_regroup_plain_optimizer)."""
     saved = bool(common.get("distributed_optimizer"))
     hint = "; pass --no-load-optim to load only the weights"
     if saved != now:
@@ -419,12 +433,71 @@ def _check_optimizer_layout(common: dict, now: bool, path: str) -> None:
                               f"--use-distributed-optimizer{hint}")
     if now and common.get("layout") != _layout():
         raise CheckpointError(f"cannot resume the distributed optimizer from {path}: saved with layout "
-                              f"{common.get('layout')}, this run has {_layout()}{hint}")
-    ep_saved, ep_now = (common.get("layout") or {}).get("ep", 1), _layout()["ep"]
-    if ep_saved != ep_now:
-        raise CheckpointError(f"cannot resume the optimizer from {path}: saved with --expert-model-parallel-size "
-                              f"{ep_saved}, this run has {ep_now} (the expert optimizer state is not resharded)"
-                              f"{hint}")
+                              f"{common.get('layout')}, this run has {_layout()} (its dp_reshardable state "
+                              f"reshards over data parallelism only){hint}")
+
+
+def _match_checkpoint_keys(optim_sd, path: str) -> None:
+    """Rename (in place) each requested optimizer tensor to the key the checkpoint holds it under.
+
+    We save `optimizer.state.exp_avg.<param key>`; checkpoints written before that by a
+    ChainedOptimizer (EP>1) hold `chained_<i>.optimizer.state....`: the same tensor, prefixed.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with reraise_as("unreadable checkpoint index", os.path.join(path, ".metadata")):
+        saved = set(FileSystemReader(path).read_metadata().state_dict_metadata)
+    unprefixed = {k.split(".", 1)[1]: k for k in saved if k.startswith("chained_")}
+    for t in nested_values(optim_sd):
+        if isinstance(t, (ShardedTensor, ShardedTensorFactory)) and t.key not in saved and t.key in unprefixed:
+            t.key = unprefixed[t.key]
+
+
+def _inner(state: dict) -> dict:
+    """The torch optimizer's state dict inside a Megatron optimizer's (Float16Optimizer nests it)."""
+    return state["optimizer"] if isinstance(state.get("optimizer"), dict) else state
+
+
+def _regroup_plain_optimizer(optimizer, loaded, saved, path: str):
+    """The state dict `optimizer.load_state_dict` takes, from tensors loaded by parameter key.
+
+    A ChainedOptimizer holds one optimizer with EP=1 and two (dense, expert) with EP>1, so the
+    checkpoint's non-tensor part (param-group hyperparameters, Adam's common step, grad scaler)
+    may be grouped differently from this run's. `loaded`: this run's sharded optimizer state dict
+    as dist_checkpointing filled it (tensors, param ids); `saved`: the checkpoint's common part.
+    Each of this run's param groups takes the hyperparameters of the saved group with the same
+    (wd_mult, lr_mult, is_decoupled_lr), Megatron's group identity less the EP split.
+    """
+    opts = chained_optimizers(optimizer)
+    now = [loaded] if len(opts) == 1 else [loaded[i] for i in sorted(loaded)]
+    saved_list = [saved[k] for k in sorted(saved)] if saved and all(isinstance(k, int) for k in saved) else [saved]
+    saved_groups = [g for s in saved_list for g in _inner(s).get("param_groups", [])]
+    ident = ("wd_mult", "lr_mult", "is_decoupled_lr")
+    out = []
+    for i, (opt, part) in enumerate(zip(opts, now)):
+        base = copy.deepcopy(saved_list[min(i, len(saved_list) - 1)])
+        groups = []
+        for group in opt.optimizer.param_groups:
+            key = tuple(group.get(k) for k in ident)
+            match = [g for g in saved_groups if tuple(g.get(k) for k in ident) == key]
+            if not match:
+                raise CheckpointError(f"cannot resume the optimizer from {path}: it has no parameter group with "
+                                      f"{dict(zip(ident, key))}; pass --no-load-optim to load only the weights")
+            groups.append({**match[0], "is_expert_parallel": group.get("is_expert_parallel")})
+        _inner(base)["param_groups"] = groups
+        out.append(_overlay(base, part))
+    return out[0] if len(opts) == 1 else dict(enumerate(out))
+
+
+def _overlay(base, new):
+    """`new` (loaded tensors, param ids) laid over `base` (the checkpoint's common values)."""
+    if isinstance(base, dict) and isinstance(new, dict):
+        return {**base, **{k: _overlay(base[k], v) if k in base else v for k, v in new.items()}}
+    if isinstance(base, list) and isinstance(new, list) and len(base) == len(new):
+        return [_overlay(b, n) for b, n in zip(base, new)]
+    return new
 
 
 def _init_adam_steps(optimizer) -> None:
@@ -497,6 +570,10 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
         _init_adam_steps(optimizer)
     sd = _sharded_state_dict(model, optimizer if load_optim else None, scheduler if load_optim else None,
                              is_loading=True, with_rng=load_rng)
+    plain = load_optim and not _is_distributed(optimizer)
+    if plain:  # loaded by parameter key, regrouped below: the saved chaining may differ (EP change)
+        sd[_PLAIN_OPTIM_REQUEST] = sd.pop("optimizer")
+        _match_checkpoint_keys(sd[_PLAIN_OPTIM_REQUEST], path)
     with reraise_as("cannot load checkpoint", path):  # shape mismatches, torch's CheckpointException ...
         state = dist_checkpointing.load(sd, path)
     if len(model) == 1:
@@ -505,9 +582,12 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
         for i, chunk in enumerate(model):
             _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
     if load_optim:
+        optim_state = (_regroup_plain_optimizer(optimizer, state[_PLAIN_OPTIM_REQUEST], state.get("optimizer"), path)
+                       if plain else state["optimizer"])
         with torch.no_grad():  # fp32 params: DistributedOptimizer's main params are views of them
-            optimizer.load_state_dict(state["optimizer"])
-        _restore_adam_steps(optimizer, state["optimizer"])
+            optimizer.load_state_dict(optim_state)
+        if not plain:
+            _restore_adam_steps(optimizer, optim_state)
         load_scheduler_state(scheduler, state["opt_param_scheduler"], path)
     if load_rng:
         set_rng_state(state["rng_state"])

@@ -204,12 +204,46 @@ def test_resume_with_optimizer_on_another_layout_equals_uninterrupted_run(layout
         assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
 
 
-def test_resume_with_optimizer_across_an_expert_layout_change_is_refused_before_building(reference_and_checkpoint_4):
-    _, ckpt = reference_and_checkpoint_4
+def torchrun2(argv):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "pretrain_gpt.py", *RESUME_FLAGS, "--expert-model-parallel-size", "2", "--load", str(ckpt)],
-                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert p.returncode != 0 and len(lines) == 1, p.stderr[-3000:]
-    assert "--expert-model-parallel-size 1, this run has 2" in lines[0] and "--no-load-optim" in lines[0]
-    assert "parameters:" not in p.stdout  # refused before the model was built
+                        "pretrain_gpt.py", *argv], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+EP2 = ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]
+
+
+@pytest.fixture(scope="module")
+def resumed_on_ep2(reference_and_checkpoint_4, tmp_path_factory):
+    """The 1-rank checkpoint of iteration 4 resumed with its optimizer state on 2 ranks with EP=2,
+    where Megatron splits the optimizer in two (dense + expert; one at EP=1); saves iteration 6."""
+    _, ckpt = reference_and_checkpoint_4
+    root = tmp_path_factory.mktemp("resume-ep2")
+    out = torchrun2(RESUME_FLAGS + EP2 + ["--load", str(ckpt), "--save", str(root / "ck"), "--save-interval", "2",
+                                          "--tensorboard-dir", str(root / "tb")])
+    assert "iteration 4, 16 samples consumed" in out
+    (root / "ck" / "latest_checkpointed_iteration.txt").write_text("6\n")
+    return tb_losses(root / "tb"), root / "ck"
+
+
+def test_resume_with_optimizer_from_one_rank_onto_expert_parallel_equals_uninterrupted_run(
+        reference_and_checkpoint_4, resumed_on_ep2):
+    reference, _ = reference_and_checkpoint_4
+    losses, _ = resumed_on_ep2
+    assert sorted(losses) == [5, 6, 7, 8]
+    for i in losses:
+        assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
+
+
+def test_resume_with_optimizer_from_expert_parallel_onto_one_rank_equals_uninterrupted_run(
+        reference_and_checkpoint_4, resumed_on_ep2, tmp_path):
+    reference, _ = reference_and_checkpoint_4
+    _, ckpt = resumed_on_ep2
+    rc, out, err = train(RESUME_FLAGS + ["--load", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb")])
+    assert rc == 0, err[-3000:]
+    assert "iteration 6, 24 samples consumed" in out
+    losses = tb_losses(tmp_path / "tb")
+    assert sorted(losses) == [7, 8]
+    for i in losses:
+        assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
