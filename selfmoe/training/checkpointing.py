@@ -60,6 +60,11 @@ RESUMABLE_ROUTER_FIELDS = {
 }
 
 
+# Flags that shape a model but are no config fields (pretrain_vit.py's image geometry, channels,
+# head and pooling): compared with the args the checkpoint was saved with, named as flags.
+MODEL_SHAPE_ARGS = ("img_h", "img_w", "patch_dim", "num_channels", "num_classes", "vit_pool")
+
+
 def model_fields() -> list[str]:
     import dataclasses
 
@@ -344,6 +349,14 @@ def check_config_compatible(saved: dict, config, where: str) -> None:
         raise CheckpointError(f"cannot resume from {where}: incompatible model config: {'; '.join(diff)}")
 
 
+def check_args_compatible(saved_args: dict, args, where: str) -> None:
+    """One-line CheckpointError naming every model-shaping flag (MODEL_SHAPE_ARGS) that differs."""
+    diff = [f"--{k.replace('_', '-')} {saved_args[k]} in the checkpoint but {getattr(args, k)} now"
+            for k in MODEL_SHAPE_ARGS if k in saved_args and hasattr(args, k) and saved_args[k] != getattr(args, k)]
+    if diff:
+        raise CheckpointError(f"cannot resume from {where}: the model differs: {'; '.join(diff)}")
+
+
 def _norm(v):
     return tuple(v) if isinstance(v, list) else v
 
@@ -381,13 +394,16 @@ def adopt_checkpoint_vocab(root: str, config, vocab_size: int) -> int | None:
 
 
 def check_resume_compatible(root: str, config, *, load_optim: bool = False,
-                            use_distributed_optimizer: bool = False) -> None:
+                            use_distributed_optimizer: bool = False, args=None) -> None:
     """Fail before any model is built if the checkpoint to resume is damaged, describes another
-    model, or holds optimizer state this layout cannot take (collective-free; parallel state set)."""
+    model (config fields; with `args`, the model-shaping flags too), or holds optimizer state this
+    layout cannot take (collective-free; parallel state set)."""
     found = latest_checkpoint(root)
     if found is None:
         return
     common = load_common(found[1])
+    if args is not None:
+        check_args_compatible(common.get("args") or {}, args, found[1])
     check_config_compatible(common.get("config", {}), config, found[1])
     if load_optim:
         _check_optimizer_layout(common, use_distributed_optimizer, found[1])

@@ -322,7 +322,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
                     args.padded_vocab_size = adopted
             checkpointing.check_resume_compatible(
                 args.load, config, load_optim=not args.no_load_optim and not args.finetune,
-                use_distributed_optimizer=args.use_distributed_optimizer)
+                use_distributed_optimizer=args.use_distributed_optimizer, args=args)
     if ds:
         engine, optimizer = ds.build(args, config, model_provider)
         model, scheduler = [engine], build_scheduler(args, optimizer)
