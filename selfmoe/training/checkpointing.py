@@ -220,24 +220,28 @@ def _tuplify(x):
 
 
 # Megatron-LM's default format for the DistributedOptimizer's state: resumes with the same
-# layout. (megatron-core 0.16's "fully_reshardable" cannot load into torch Adam: KeyError 'step'.)
+# model-parallel layout (another DP size only). --dist-ckpt-optim-fully-reshardable saves Megatron's
+# "fully_reshardable" instead: by parameter, any layout (loading it into torch Adam needs
+# mcore_compat's fully_reshardable_load_skips_adam_step).
 OPTIM_SHARDING = "dp_reshardable"
-# where load_checkpoint asks for the plain optimizer's tensors (regrouped afterwards)
-_PLAIN_OPTIM_REQUEST = "optimizer_tensors"
+FULLY_RESHARDABLE = "fully_reshardable"
+# where load_checkpoint asks for optimizer tensors keyed by parameter (regrouped afterwards)
+_BY_KEY_OPTIM_REQUEST = "optimizer_tensors"
 
 
-def _optimizer_metadata(optimizer) -> dict:
+def _optimizer_metadata(optimizer, sharding: str = OPTIM_SHARDING) -> dict:
     """Megatron-LM's sharded-state-dict metadata: the plain optimizer's tensors are keyed by the
     parameter alone (`optimizer.state.exp_avg.<param key>`, no `chained_<i>.` prefix), so they
     reshard like the weights over any TP/PP/EP layout, whether EP>1 splits the optimizer in two
     (dense + expert) or EP=1 keeps one."""
     metadata = {"chained_optim_avoid_prefix": True}
     if _is_distributed(optimizer):
-        metadata["distrib_optim_sharding_type"] = OPTIM_SHARDING
+        metadata["distrib_optim_sharding_type"] = sharding
     return metadata
 
 
-def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=False, with_rng=True) -> dict:
+def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=False, with_rng=True,
+                        optim_sharding: str = OPTIM_SHARDING) -> dict:
     # Megatron-LM's keys: "model", or "model0", "model1", ... with the interleaved pipeline. The
     # tensors inside carry global layer numbers, so either form loads into the other.
     if len(model) == 1:
@@ -247,7 +251,7 @@ def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=Fal
     if optimizer is not None:
         # Megatron-LM's metadata (read by ChainedOptimizer and DistributedOptimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(dict(sd), is_loading=is_loading,
-                                                       metadata=_optimizer_metadata(optimizer))
+                                                       metadata=_optimizer_metadata(optimizer, optim_sharding))
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -257,8 +261,12 @@ def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=Fal
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, config, *, consumed_train_samples: int,
-                    args_dict: dict | None = None) -> str:
-    """Save atomically (collective over all ranks); returns the checkpoint directory."""
+                    args_dict: dict | None = None, fully_reshardable: bool = False) -> str:
+    """Save atomically (collective over all ranks); returns the checkpoint directory.
+
+    fully_reshardable: the distributed optimizer's state in Megatron's fully_reshardable format
+    (--dist-ckpt-optim-fully-reshardable); the plain optimizer's always is.
+    """
     if not _params_finite(model):
         raise CheckpointError(f"refusing to save iteration {iteration}: the weights hold NaN/Inf")
     final = checkpoint_dir(root, iteration)
@@ -275,10 +283,13 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, conf
         os.makedirs(tmp)
     _barrier()
     rng_before = rng_state()
-    sd = _sharded_state_dict(model, optimizer, scheduler)
+    distributed = _is_distributed(optimizer)
+    sharding = FULLY_RESHARDABLE if fully_reshardable else OPTIM_SHARDING
+    sd = _sharded_state_dict(model, optimizer, scheduler, optim_sharding=sharding)
     sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples, world_size=_world(),
               config=config_fingerprint(config), checkpoint_version=CHECKPOINT_VERSION, args=args_dict or {},
-              distributed_optimizer=_is_distributed(optimizer), layout=_layout())
+              distributed_optimizer=distributed, optimizer_sharding=sharding if distributed else None,
+              layout=_layout())
     dist_checkpointing.save(sd, tmp)
     _test_sleep_hook(iteration)
     _barrier()
@@ -438,19 +449,26 @@ def _check_optimizer_compatible(common: dict, optimizer, path: str) -> None:
 
 
 def _check_optimizer_layout(common: dict, now: bool, path: str) -> None:
-    """The distributed optimizer's state (dp_reshardable) is in buffer order: same flag and same
+    """The distributed optimizer's dp_reshardable state is in buffer order: same flag and same
     model-parallel layout to resume it (the data-parallel size may change). The plain optimizer's
-    state is keyed by parameter and reshards over any TP/PP/EP layout (_regroup_plain_optimizer)."""
+    state, and the distributed one's fully_reshardable state, are keyed by parameter and reshard
+    over any TP/PP/EP layout (_regroup_optimizer_state)."""
     saved = bool(common.get("distributed_optimizer"))
     hint = "; pass --no-load-optim to load only the weights"
     if saved != now:
         flag = "with" if saved else "without"
         raise CheckpointError(f"cannot resume the optimizer from {path}: it was saved {flag} "
                               f"--use-distributed-optimizer{hint}")
-    if now and common.get("layout") != _layout():
+    if now and _saved_sharding(common) != FULLY_RESHARDABLE and common.get("layout") != _layout():
         raise CheckpointError(f"cannot resume the distributed optimizer from {path}: saved with layout "
                               f"{common.get('layout')}, this run has {_layout()} (its dp_reshardable state "
-                              f"reshards over data parallelism only){hint}")
+                              f"reshards over data parallelism only; --dist-ckpt-optim-fully-reshardable "
+                              f"saves one that reshards over any){hint}")
+
+
+def _saved_sharding(common: dict) -> str:
+    """The distributed optimizer's format in a checkpoint (those before the field: dp_reshardable)."""
+    return common.get("optimizer_sharding") or OPTIM_SHARDING
 
 
 def _match_checkpoint_keys(optim_sd, path: str) -> None:
@@ -476,7 +494,7 @@ def _inner(state: dict) -> dict:
     return state["optimizer"] if isinstance(state.get("optimizer"), dict) else state
 
 
-def _regroup_plain_optimizer(optimizer, loaded, saved, path: str):
+def _regroup_optimizer_state(optimizer, loaded, saved, path: str):
     """The state dict `optimizer.load_state_dict` takes, from tensors loaded by parameter key.
 
     A ChainedOptimizer holds one optimizer with EP=1 and two (dense, expert) with EP>1, so the
@@ -585,11 +603,12 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
         _check_optimizer_compatible(common, optimizer, path)
         _init_adam_steps(optimizer)
     sd = _sharded_state_dict(model, optimizer if load_optim else None, scheduler if load_optim else None,
-                             is_loading=True, with_rng=load_rng)
-    plain = load_optim and not _is_distributed(optimizer)
-    if plain:  # loaded by parameter key, regrouped below: the saved chaining may differ (EP change)
-        sd[_PLAIN_OPTIM_REQUEST] = sd.pop("optimizer")
-        _match_checkpoint_keys(sd[_PLAIN_OPTIM_REQUEST], path)
+                             is_loading=True, with_rng=load_rng, optim_sharding=_saved_sharding(common))
+    distributed = load_optim and _is_distributed(optimizer)
+    by_key = load_optim and (not distributed or _saved_sharding(common) == FULLY_RESHARDABLE)
+    if by_key:  # loaded by parameter key, regrouped below: the saved chaining may differ (EP change)
+        sd[_BY_KEY_OPTIM_REQUEST] = sd.pop("optimizer")
+        _match_checkpoint_keys(sd[_BY_KEY_OPTIM_REQUEST], path)
     with reraise_as("cannot load checkpoint", path):  # shape mismatches, torch's CheckpointException ...
         state = dist_checkpointing.load(sd, path)
     if len(model) == 1:
@@ -598,11 +617,11 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
         for i, chunk in enumerate(model):
             _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
     if load_optim:
-        optim_state = (_regroup_plain_optimizer(optimizer, state[_PLAIN_OPTIM_REQUEST], state.get("optimizer"), path)
-                       if plain else state["optimizer"])
+        optim_state = (_regroup_optimizer_state(optimizer, state[_BY_KEY_OPTIM_REQUEST], state.get("optimizer"), path)
+                       if by_key else state["optimizer"])
         with torch.no_grad():  # fp32 params: DistributedOptimizer's main params are views of them
             optimizer.load_state_dict(optim_state)
-        if not plain:
+        if distributed:
             _restore_adam_steps(optimizer, optim_state)
         load_scheduler_state(scheduler, state["opt_param_scheduler"], path)
     if load_rng:
