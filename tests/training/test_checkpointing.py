@@ -1,6 +1,7 @@
 """Checkpoints under kill -9: resuming continues the uninterrupted loss curve exactly, a kill inside
 a save leaves the previous checkpoint loadable, a different model config is refused in one line,
-and a checkpoint loads into other parallel layouts (PP, TP+SP, EP) with the same losses.
+a checkpoint loads into other parallel layouts (PP, TP+SP, EP) with the same losses, and resumes
+there with its optimizer state (plain optimizer; distributed one saved fully_reshardable).
 
 Each run is a real `python pretrain_gpt.py` process; per-iteration losses are read back from the
 TensorBoard event files the runs write. Dropout stays on (0.1) so the RNG has to be restored too.
