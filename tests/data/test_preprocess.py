@@ -306,8 +306,10 @@ def test_argument_errors(tmp_path, capsys, argv, message):
     (["--log-interval", "-1"], "error: --log-interval must be >= 0 (got -1)"),
     (["--workers", "two"], "error: argument --workers: invalid int value: 'two'"),  # argparse's own, one line
     (["--output-prefix", ""], "error: --output-prefix '': needs a file name part (e.g. data/my-corpus)"),
-    (["--output-prefix", "{tmp}/out/"], "error: --output-prefix '{tmp}/out/': needs a file name part (e.g. data/my-corpus)"),
-    (["--output-prefix", "{tmp}/in.jsonl/sub/x"], "error: --output-prefix {tmp}/in.jsonl/sub/x: {tmp}/in.jsonl is not a directory"),
+    (["--output-prefix", "{tmp}/out/"],
+     "error: --output-prefix '{tmp}/out/': needs a file name part (e.g. data/my-corpus)"),
+    (["--output-prefix", "{tmp}/in.jsonl/sub/x"],
+     "error: --output-prefix {tmp}/in.jsonl/sub/x: {tmp}/in.jsonl is not a directory"),
 ])
 def test_every_user_error_is_one_line_exit_2(tmp_path, capsys, extra, message):
     """Flag domains, argparse's own errors and an unusable --output-prefix: exit 2 like the trainer."""
