@@ -7,7 +7,8 @@ keyword arguments (`is_mtp_layer=`). Everything else in selfmoe uses the public 
 
 Below those, the patches for megatron-core 0.16.1's own MoE faults (issue 9), which apply on GPU
 as on CPU: statistics counted from the routed map (before capacity), the alltoall dispatcher with
-a capacity above the token count, and expert grads under EP=1 with ETP != TP.
+a capacity above the token count, and expert grads under EP=1 with ETP != TP; and (issue 10)
+the DistributedOptimizer's fully_reshardable checkpoint loaded into torch Adam.
 """
 
 from __future__ import annotations
@@ -165,6 +166,26 @@ def _expert_grads_reduced_over_expert_dp(original):
     return __init__
 
 
+def _fully_reshardable_load_skips_adam_step(original):
+    """megatron-core 0.16.1 fault: loading the DistributedOptimizer's `fully_reshardable` state into
+    torch's Adam/AdamW (no TransformerEngine/Apex, e.g. on CPU) fails with KeyError 'step'.
+    `load_parameter_state_from_fully_reshardable` leaves "step" out of the tensors it hands over
+    (the step comes from the param groups), but `_set_main_param_and_optimizer_states` copies into
+    every state key torch Adam holds, "step" included. Patched: the step already in place is
+    handed back to it (a no-op copy); `selfmoe.training.checkpointing` restores the saved step."""
+
+    @functools.wraps(original)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                tensors = dict(tensors, step=state["step"])
+        return original(self, model_param, tensors)
+
+    return _set_main_param_and_optimizer_states
+
+
 def apply_patches(version: str | None = None) -> list[str]:
     """Apply the megatron-core fault patches above (idempotent). On an untested megatron-core
     version they are skipped with a warning: they patch its internals by name."""
@@ -201,6 +222,11 @@ def apply_patches(version: str | None = None) -> list[str]:
         # True and MLASelfAttention.__init__ fails on isinstance(linear_proj, <MagicMock TELinear>).
         mla.HAVE_TE = False
         _patches.append("mla_have_te_without_te")
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = _fully_reshardable_load_skips_adam_step(
+        DistributedOptimizer._set_main_param_and_optimizer_states)
+    _patches.append("fully_reshardable_load_skips_adam_step")
     return applied_patches()
 
 

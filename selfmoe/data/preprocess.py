@@ -373,6 +373,7 @@ def preprocess(inputs, output_prefix, tokenizer, json_keys=("text",), input_form
     if input_format not in FORMATS:
         raise UsageError(f"unknown --input-format {input_format!r} (choose from {', '.join(FORMATS)})")
     check_inputs(paths, input_format)
+    check_output_prefix(os.fspath(output_prefix))
     formats = {detect_format(p) if input_format == "auto" else input_format for p in paths}
     if "text" in formats and len(keys) != 1:
         raise UsageError("plain text input has one document per line: give a single --json-keys name")
@@ -444,6 +445,19 @@ def preprocess(inputs, output_prefix, tokenizer, json_keys=("text",), input_form
     stats.seconds = time.time() - t0
     _report(stats, keys, log)
     return stats
+
+
+def check_output_prefix(prefix: str) -> None:
+    """UsageError unless `prefix` names files in a folder that exists or can be made, and is writable."""
+    if not prefix or not os.path.basename(prefix):
+        raise UsageError(f"--output-prefix {prefix!r}: needs a file name part (e.g. data/my-corpus)")
+    folder = os.path.dirname(os.path.abspath(prefix))
+    while not os.path.exists(folder):  # the nearest existing ancestor decides
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"--output-prefix {prefix}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-prefix {prefix}: {folder} is not writable")
 
 
 def _remove_stale_temps(outputs):
@@ -523,8 +537,16 @@ def add_tokenizer_args(parser):
     return g
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one `error:` line (no usage block), exit code 2 like every user error."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Tokenize a corpus into Megatron-Core .bin/.idx files "
                     "({output-prefix}_{key}_document.bin/.idx), one document per record. "
                     "Empty documents are skipped and counted. A bad record stops the run with "
@@ -536,7 +558,11 @@ def get_args(argv=None):
     g = parser.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1, in-process)")
     g.add_argument("--log-interval", type=int, default=100, help="progress line every N documents (0: off)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value, least in (("--workers", args.workers, 1), ("--log-interval", args.log_interval, 0)):
+        if value < least:
+            parser.error(f"{flag} must be >= {least} (got {value})")
+    return args
 
 
 def tokenizer_from_args(args):
@@ -554,14 +580,15 @@ def _sigterm_as_exit():
         signal.signal(signal.SIGTERM, old)
 
 
-# What the data CLIs report as one `error:` line (exit 1) instead of a traceback.
+# What the data CLIs report as one `error:` line (exit 2, as argparse's usage errors) instead of
+# a traceback.
 USER_ERRORS = (UsageError, TokenizerError, DataError, OSError)
 
 
 def report_user_error(e: Exception) -> int:
     msg = f"{e.filename or ''}: {e.strerror or e}" if isinstance(e, OSError) else str(e)
     print(f"error: {msg}", file=sys.stderr)
-    return 1
+    return 2
 
 
 def main(argv=None):

@@ -6,16 +6,16 @@ It sits beside both modules it uses (the readers and one-line errors of `preproc
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from selfmoe.data.preprocess import USER_ERRORS, add_input_args, check_inputs, iter_documents, report_user_error
+from selfmoe.data.preprocess import (USER_ERRORS, OneLineParser, add_input_args, check_inputs, iter_documents,
+                                     report_user_error)
 from selfmoe.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
 
 
 def train_tokenizer_main(argv=None):
     """CLI of tools/train_tokenizer.py: same inputs and one-line errors as tools/preprocess_data.py."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Train a SentencePiece model ({output-prefix}.model/.vocab) on jsonl/text/parquet/hf "
                     "inputs, read exactly as tools/preprocess_data.py reads them. Each non-empty line of "
                     "every document is one training sentence. Use the result with "

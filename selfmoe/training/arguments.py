@@ -207,6 +207,9 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load weights only; iteration restarts at 0")
     g.add_argument("--ckpt-format", default="torch_dist", help="torch_dist (the one format selfmoe writes)")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer's state by parameter (Megatron's fully_reshardable), "
+                        "so it resumes on any TP/PP/EP/DP layout; default dp_reshardable: another DP size only")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="with --load: exit (code 2) instead of training from scratch when there is no checkpoint")
     g.add_argument("--run-name", help="names ./runs/<name> and ./checkpoints/<name> in the demo")
@@ -445,6 +448,9 @@ def validate_args(args, world_size: int | None = None, validate_data=None) -> No
         args.num_experts = None
     config_flags.validate_megatron_flags(args, ArgumentError)
     _validate_optimizer_sharding(args)
+    if args.dist_ckpt_optim_fully_reshardable and not args.use_distributed_optimizer:
+        config_flags.note_ignored(args, "--dist-ckpt-optim-fully-reshardable", "already so: without "
+                                  "--use-distributed-optimizer the optimizer state is saved by parameter")
     _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr")
     if args.train_iters is None and args.train_samples is None:
         raise ArgumentError("--train-iters (or --train-samples) is required")

@@ -17,6 +17,7 @@ previous checkpoint loadable and the latest file pointing at it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -57,6 +58,11 @@ RESUMABLE_ROUTER_FIELDS = {
     "routing_free_theta", "routing_free_bias_init", "routing_free_scale_init", "routing_free_lambda_rule",
     "routing_free_lambda_update",
 }
+
+
+# Flags that shape a model but are no config fields (pretrain_vit.py's image geometry, channels,
+# head and pooling): compared with the args the checkpoint was saved with, named as flags.
+MODEL_SHAPE_ARGS = ("img_h", "img_w", "patch_dim", "num_channels", "num_classes", "vit_pool")
 
 
 def model_fields() -> list[str]:
@@ -214,11 +220,28 @@ def _tuplify(x):
 
 
 # Megatron-LM's default format for the DistributedOptimizer's state: resumes with the same
-# layout. (megatron-core 0.16's "fully_reshardable" cannot load into torch Adam: KeyError 'step'.)
+# model-parallel layout (another DP size only). --dist-ckpt-optim-fully-reshardable saves Megatron's
+# "fully_reshardable" instead: by parameter, any layout (loading it into torch Adam needs
+# mcore_compat's fully_reshardable_load_skips_adam_step).
 OPTIM_SHARDING = "dp_reshardable"
+FULLY_RESHARDABLE = "fully_reshardable"
+# where load_checkpoint asks for optimizer tensors keyed by parameter (regrouped afterwards)
+_BY_KEY_OPTIM_REQUEST = "optimizer_tensors"
 
 
-def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=False, with_rng=True) -> dict:
+def _optimizer_metadata(optimizer, sharding: str = OPTIM_SHARDING) -> dict:
+    """Megatron-LM's sharded-state-dict metadata: the plain optimizer's tensors are keyed by the
+    parameter alone (`optimizer.state.exp_avg.<param key>`, no `chained_<i>.` prefix), so they
+    reshard like the weights over any TP/PP/EP layout, whether EP>1 splits the optimizer in two
+    (dense + expert) or EP=1 keeps one."""
+    metadata = {"chained_optim_avoid_prefix": True}
+    if _is_distributed(optimizer):
+        metadata["distrib_optim_sharding_type"] = sharding
+    return metadata
+
+
+def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=False, with_rng=True,
+                        optim_sharding: str = OPTIM_SHARDING) -> dict:
     # Megatron-LM's keys: "model", or "model0", "model1", ... with the interleaved pipeline. The
     # tensors inside carry global layer numbers, so either form loads into the other.
     if len(model) == 1:
@@ -226,9 +249,9 @@ def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=Fal
     else:
         sd = {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
     if optimizer is not None:
-        # read by Megatron-Core's DistributedOptimizer only (as Megatron-LM passes it)
+        # Megatron-LM's metadata (read by ChainedOptimizer and DistributedOptimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(dict(sd), is_loading=is_loading,
-                                                       metadata={"distrib_optim_sharding_type": OPTIM_SHARDING})
+                                                       metadata=_optimizer_metadata(optimizer, optim_sharding))
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -238,8 +261,12 @@ def _sharded_state_dict(model, optimizer=None, scheduler=None, *, is_loading=Fal
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, config, *, consumed_train_samples: int,
-                    args_dict: dict | None = None) -> str:
-    """Save atomically (collective over all ranks); returns the checkpoint directory."""
+                    args_dict: dict | None = None, fully_reshardable: bool = False) -> str:
+    """Save atomically (collective over all ranks); returns the checkpoint directory.
+
+    fully_reshardable: the distributed optimizer's state in Megatron's fully_reshardable format
+    (--dist-ckpt-optim-fully-reshardable); the plain optimizer's always is.
+    """
     if not _params_finite(model):
         raise CheckpointError(f"refusing to save iteration {iteration}: the weights hold NaN/Inf")
     final = checkpoint_dir(root, iteration)
@@ -256,10 +283,13 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, conf
         os.makedirs(tmp)
     _barrier()
     rng_before = rng_state()
-    sd = _sharded_state_dict(model, optimizer, scheduler)
+    distributed = _is_distributed(optimizer)
+    sharding = FULLY_RESHARDABLE if fully_reshardable else OPTIM_SHARDING
+    sd = _sharded_state_dict(model, optimizer, scheduler, optim_sharding=sharding)
     sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples, world_size=_world(),
               config=config_fingerprint(config), checkpoint_version=CHECKPOINT_VERSION, args=args_dict or {},
-              distributed_optimizer=_is_distributed(optimizer), layout=_layout())
+              distributed_optimizer=distributed, optimizer_sharding=sharding if distributed else None,
+              layout=_layout())
     dist_checkpointing.save(sd, tmp)
     _test_sleep_hook(iteration)
     _barrier()
@@ -330,6 +360,14 @@ def check_config_compatible(saved: dict, config, where: str) -> None:
         raise CheckpointError(f"cannot resume from {where}: incompatible model config: {'; '.join(diff)}")
 
 
+def check_args_compatible(saved_args: dict, args, where: str) -> None:
+    """One-line CheckpointError naming every model-shaping flag (MODEL_SHAPE_ARGS) that differs."""
+    diff = [f"--{k.replace('_', '-')} {saved_args[k]} in the checkpoint but {getattr(args, k)} now"
+            for k in MODEL_SHAPE_ARGS if k in saved_args and hasattr(args, k) and saved_args[k] != getattr(args, k)]
+    if diff:
+        raise CheckpointError(f"cannot resume from {where}: the model differs: {'; '.join(diff)}")
+
+
 def _norm(v):
     return tuple(v) if isinstance(v, list) else v
 
@@ -367,13 +405,16 @@ def adopt_checkpoint_vocab(root: str, config, vocab_size: int) -> int | None:
 
 
 def check_resume_compatible(root: str, config, *, load_optim: bool = False,
-                            use_distributed_optimizer: bool = False) -> None:
+                            use_distributed_optimizer: bool = False, args=None) -> None:
     """Fail before any model is built if the checkpoint to resume is damaged, describes another
-    model, or holds optimizer state this layout cannot take (collective-free; parallel state set)."""
+    model (config fields; with `args`, the model-shaping flags too), or holds optimizer state this
+    layout cannot take (collective-free; parallel state set)."""
     found = latest_checkpoint(root)
     if found is None:
         return
     common = load_common(found[1])
+    if args is not None:
+        check_args_compatible(common.get("args") or {}, args, found[1])
     check_config_compatible(common.get("config", {}), config, found[1])
     if load_optim:
         _check_optimizer_layout(common, use_distributed_optimizer, found[1])
@@ -408,23 +449,89 @@ def _check_optimizer_compatible(common: dict, optimizer, path: str) -> None:
 
 
 def _check_optimizer_layout(common: dict, now: bool, path: str) -> None:
-    """The distributed optimizer's state is in buffer order: same flag and same model-parallel
-    layout to resume it (the data-parallel size may change). The plain optimizer's state of
-    expert parameters is keyed by the expert-parallel layout: an EP change cannot take it."""
+    """The distributed optimizer's dp_reshardable state is in buffer order: same flag and same
+    model-parallel layout to resume it (the data-parallel size may change). The plain optimizer's
+    state, and the distributed one's fully_reshardable state, are keyed by parameter and reshard
+    over any TP/PP/EP layout (_regroup_optimizer_state)."""
     saved = bool(common.get("distributed_optimizer"))
     hint = "; pass --no-load-optim to load only the weights"
     if saved != now:
         flag = "with" if saved else "without"
         raise CheckpointError(f"cannot resume the optimizer from {path}: it was saved {flag} "
                               f"--use-distributed-optimizer{hint}")
-    if now and common.get("layout") != _layout():
+    if now and _saved_sharding(common) != FULLY_RESHARDABLE and common.get("layout") != _layout():
         raise CheckpointError(f"cannot resume the distributed optimizer from {path}: saved with layout "
-                              f"{common.get('layout')}, this run has {_layout()}{hint}")
-    ep_saved, ep_now = (common.get("layout") or {}).get("ep", 1), _layout()["ep"]
-    if ep_saved != ep_now:
-        raise CheckpointError(f"cannot resume the optimizer from {path}: saved with --expert-model-parallel-size "
-                              f"{ep_saved}, this run has {ep_now} (the expert optimizer state is not resharded)"
-                              f"{hint}")
+                              f"{common.get('layout')}, this run has {_layout()} (its dp_reshardable state "
+                              f"reshards over data parallelism only; --dist-ckpt-optim-fully-reshardable "
+                              f"saves one that reshards over any){hint}")
+
+
+def _saved_sharding(common: dict) -> str:
+    """The distributed optimizer's format in a checkpoint (those before the field: dp_reshardable)."""
+    return common.get("optimizer_sharding") or OPTIM_SHARDING
+
+
+def _match_checkpoint_keys(optim_sd, path: str) -> None:
+    """Rename (in place) each requested optimizer tensor to the key the checkpoint holds it under.
+
+    We save `optimizer.state.exp_avg.<param key>`; checkpoints written before that by a
+    ChainedOptimizer (EP>1) hold `chained_<i>.optimizer.state....`: the same tensor, prefixed.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with reraise_as("unreadable checkpoint index", os.path.join(path, ".metadata")):
+        saved = set(FileSystemReader(path).read_metadata().state_dict_metadata)
+    unprefixed = {k.split(".", 1)[1]: k for k in saved if k.startswith("chained_")}
+    for t in nested_values(optim_sd):
+        if isinstance(t, (ShardedTensor, ShardedTensorFactory)) and t.key not in saved and t.key in unprefixed:
+            t.key = unprefixed[t.key]
+
+
+def _inner(state: dict) -> dict:
+    """The torch optimizer's state dict inside a Megatron optimizer's (Float16Optimizer nests it)."""
+    return state["optimizer"] if isinstance(state.get("optimizer"), dict) else state
+
+
+def _regroup_optimizer_state(optimizer, loaded, saved, path: str):
+    """The state dict `optimizer.load_state_dict` takes, from tensors loaded by parameter key.
+
+    A ChainedOptimizer holds one optimizer with EP=1 and two (dense, expert) with EP>1, so the
+    checkpoint's non-tensor part (param-group hyperparameters, Adam's common step, grad scaler)
+    may be grouped differently from this run's. `loaded`: this run's sharded optimizer state dict
+    as dist_checkpointing filled it (tensors, param ids); `saved`: the checkpoint's common part.
+    Each of this run's param groups takes the hyperparameters of the saved group with the same
+    (wd_mult, lr_mult, is_decoupled_lr), Megatron's group identity less the EP split.
+    """
+    opts = chained_optimizers(optimizer)
+    now = [loaded] if len(opts) == 1 else [loaded[i] for i in sorted(loaded)]
+    saved_list = [saved[k] for k in sorted(saved)] if saved and all(isinstance(k, int) for k in saved) else [saved]
+    saved_groups = [g for s in saved_list for g in _inner(s).get("param_groups", [])]
+    ident = ("wd_mult", "lr_mult", "is_decoupled_lr")
+    out = []
+    for i, (opt, part) in enumerate(zip(opts, now)):
+        base = copy.deepcopy(saved_list[min(i, len(saved_list) - 1)])
+        groups = []
+        for group in opt.optimizer.param_groups:
+            key = tuple(group.get(k) for k in ident)
+            match = [g for g in saved_groups if tuple(g.get(k) for k in ident) == key]
+            if not match:
+                raise CheckpointError(f"cannot resume the optimizer from {path}: it has no parameter group with "
+                                      f"{dict(zip(ident, key))}; pass --no-load-optim to load only the weights")
+            groups.append({**match[0], "is_expert_parallel": group.get("is_expert_parallel")})
+        _inner(base)["param_groups"] = groups
+        out.append(_overlay(base, part))
+    return out[0] if len(opts) == 1 else dict(enumerate(out))
+
+
+def _overlay(base, new):
+    """`new` (loaded tensors, param ids) laid over `base` (the checkpoint's common values)."""
+    if isinstance(base, dict) and isinstance(new, dict):
+        return {**base, **{k: _overlay(base[k], v) if k in base else v for k, v in new.items()}}
+    if isinstance(base, list) and isinstance(new, list) and len(base) == len(new):
+        return [_overlay(b, n) for b, n in zip(base, new)]
+    return new
 
 
 def _init_adam_steps(optimizer) -> None:
@@ -496,7 +603,12 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
         _check_optimizer_compatible(common, optimizer, path)
         _init_adam_steps(optimizer)
     sd = _sharded_state_dict(model, optimizer if load_optim else None, scheduler if load_optim else None,
-                             is_loading=True, with_rng=load_rng)
+                             is_loading=True, with_rng=load_rng, optim_sharding=_saved_sharding(common))
+    distributed = load_optim and _is_distributed(optimizer)
+    by_key = load_optim and (not distributed or _saved_sharding(common) == FULLY_RESHARDABLE)
+    if by_key:  # loaded by parameter key, regrouped below: the saved chaining may differ (EP change)
+        sd[_BY_KEY_OPTIM_REQUEST] = sd.pop("optimizer")
+        _match_checkpoint_keys(sd[_BY_KEY_OPTIM_REQUEST], path)
     with reraise_as("cannot load checkpoint", path):  # shape mismatches, torch's CheckpointException ...
         state = dist_checkpointing.load(sd, path)
     if len(model) == 1:
@@ -505,9 +617,12 @@ def load_checkpoint(root: str, model, optimizer, scheduler, config, *, load_opti
         for i, chunk in enumerate(model):
             _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
     if load_optim:
+        optim_state = (_regroup_optimizer_state(optimizer, state[_BY_KEY_OPTIM_REQUEST], state.get("optimizer"), path)
+                       if by_key else state["optimizer"])
         with torch.no_grad():  # fp32 params: DistributedOptimizer's main params are views of them
-            optimizer.load_state_dict(state["optimizer"])
-        _restore_adam_steps(optimizer, state["optimizer"])
+            optimizer.load_state_dict(optim_state)
+        if distributed:
+            _restore_adam_steps(optimizer, optim_state)
         load_scheduler_state(scheduler, state["opt_param_scheduler"], path)
     if load_rng:
         set_rng_state(state["rng_state"])

@@ -354,7 +354,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
                     args.padded_vocab_size = adopted
             checkpointing.check_resume_compatible(
                 args.load, config, load_optim=not args.no_load_optim and not args.finetune,
-                use_distributed_optimizer=args.use_distributed_optimizer)
+                use_distributed_optimizer=args.use_distributed_optimizer, args=args)
     if ds:
         engine, optimizer = ds.build(args, config, model_provider)
         model, scheduler = [engine], build_scheduler(args, optimizer)
@@ -415,7 +415,8 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         else:
             state.last_checkpoint = checkpointing.save_checkpoint(
                 args.save, state.iteration, model, optimizer, scheduler, config,
-                consumed_train_samples=state.consumed_train_samples, args_dict=_plain_args(args))
+                consumed_train_samples=state.consumed_train_samples, args_dict=_plain_args(args),
+                fully_reshardable=args.dist_ckpt_optim_fully_reshardable)
         state.last_saved = state.iteration
         if state.nonfinite_streak == 0:
             state.good_checkpoint = state.last_checkpoint

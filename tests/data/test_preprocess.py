@@ -124,11 +124,11 @@ def test_parquet_bad_rows(tmp_path, capsys, monkeypatch):
     texts[22] = texts[30] = None
     pq.write_table(pa.table({"text": texts}), tmp_path / "in.parquet", row_group_size=9)
     rc, err = run(capsys, "--input", tmp_path / "in.parquet", "--output-prefix", tmp_path / "out" / "p", *GPT2)
-    assert (rc, err) == (1, [f"error: {tmp_path / 'in.parquet'}:23: key 'text' is null, expected a string"])
+    assert (rc, err) == (2, [f"error: {tmp_path / 'in.parquet'}:23: key 'text' is null, expected a string"])
     assert leftovers(tmp_path / "out") == []
     rc, err = run(capsys, "--input", tmp_path / "in.parquet", "--output-prefix", tmp_path / "out" / "p", *GPT2,
                   "--json-keys", "body")
-    assert (rc, err) == (1, [f"error: {tmp_path / 'in.parquet'}:1: missing key 'body'"])
+    assert (rc, err) == (2, [f"error: {tmp_path / 'in.parquet'}:1: missing key 'body'"])
 
 
 def test_hf_save_to_disk_input(tmp_path, capsys, gpt2, monkeypatch):
@@ -150,7 +150,7 @@ def test_hf_save_to_disk_input(tmp_path, capsys, gpt2, monkeypatch):
     assert rc == 0, err
     assert read_back(tmp_path / "v_text_document")[0] == [gpt2.encode(t) for t in texts[3:5]]
     rc, err = run(capsys, "--input", tmp_path / "dd", "--hf-split", "test", "--output-prefix", tmp_path / "v", *GPT2)
-    assert (rc, err) == (1, [f"error: {tmp_path / 'dd'}: no split 'test' (has train, validation); pass --hf-split"])
+    assert (rc, err) == (2, [f"error: {tmp_path / 'dd'}: no split 'test' (has train, validation); pass --hf-split"])
 
 
 def test_null_tokenizer_round_trip(tmp_path, capsys):
@@ -198,7 +198,7 @@ def test_ordered_map_reads_only_a_window_ahead():
 
 
 # -----------------------------------------------------------------------------
-# bad input: one line `error: <file>:<line>: <what>`, exit 1, nothing left behind
+# bad input: one line `error: <file>:<line>: <what>`, exit 2, nothing left behind
 
 BAD_JSONL = [
     ("malformed", b'{"text": "a"}\n{"text": "b",}\n{"text": "c"}\n',
@@ -217,7 +217,7 @@ def test_bad_jsonl(tmp_path, capsys, name, data, where_what):
     src = tmp_path / "in.jsonl"
     src.write_bytes(data)
     rc, err = run(capsys, "--input", src, "--output-prefix", tmp_path / "out" / "c", *GPT2)
-    assert (rc, err) == (1, [f"error: {src}:{where_what}"])
+    assert (rc, err) == (2, [f"error: {src}:{where_what}"])
     assert leftovers(tmp_path / "out") == []
 
 
@@ -225,7 +225,7 @@ def test_bad_text_file(tmp_path, capsys):
     src = tmp_path / "in.txt"
     src.write_bytes(b"fine\nnot \xff fine\n")
     rc, err = run(capsys, "--input", src, "--output-prefix", tmp_path / "out" / "c", *GPT2)
-    assert (rc, err) == (1, [f"error: {src}:2: invalid UTF-8 (byte 0xff at byte 5 of the line)"])
+    assert (rc, err) == (2, [f"error: {src}:2: invalid UTF-8 (byte 0xff at byte 5 of the line)"])
     assert leftovers(tmp_path / "out") == []
 
 
@@ -233,7 +233,7 @@ def test_untokenizable_record(tmp_path, capsys):
     src = write_jsonl(tmp_path / "ids.jsonl", [{"text": "1 2"}, {"text": "3 four"}])
     rc, err = run(capsys, "--input", src, "--output-prefix", tmp_path / "out" / "n", "--tokenizer-type",
                   "NullTokenizer", "--vocab-size", "10")
-    assert (rc, err) == (1, [f"error: {src}:2: cannot tokenize: invalid literal for int() with base 10: 'four'"])
+    assert (rc, err) == (2, [f"error: {src}:2: cannot tokenize: invalid literal for int() with base 10: 'four'"])
     assert leftovers(tmp_path / "out") == []
 
 
@@ -249,7 +249,7 @@ def test_late_error_removes_partial_outputs(tmp_path, capsys, monkeypatch, worke
     (tmp_path / "out" / "c_text_document.idx").write_bytes(b"old")  # an earlier run's output survives
     rc, err = run(capsys, "--input", src, "--output-prefix", tmp_path / "out" / "c", *GPT2,
                   "--workers", workers, "--log-interval", 0)
-    assert (rc, err) == (1, [f"error: {src}:251: invalid JSON: Expecting value (column 10)"])
+    assert (rc, err) == (2, [f"error: {src}:251: invalid JSON: Expecting value (column 10)"])
     assert leftovers(tmp_path / "out") == ["c_text_document.idx"]
 
 
@@ -297,8 +297,31 @@ def test_argument_errors(tmp_path, capsys, argv, message):
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "tok.json"))
     argv = [a.format(tmp=tmp_path) for a in argv]
     rc, err = run(capsys, *argv, "--output-prefix", tmp_path / "out" / "x")
-    assert (rc, err) == (1, [message.format(tmp=tmp_path)])
+    assert (rc, err) == (2, [message.format(tmp=tmp_path)])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--workers", "0"], "error: --workers must be >= 1 (got 0)"),
+    (["--log-interval", "-1"], "error: --log-interval must be >= 0 (got -1)"),
+    (["--workers", "two"], "error: argument --workers: invalid int value: 'two'"),  # argparse's own, one line
+    (["--output-prefix", ""], "error: --output-prefix '': needs a file name part (e.g. data/my-corpus)"),
+    (["--output-prefix", "{tmp}/out/"],
+     "error: --output-prefix '{tmp}/out/': needs a file name part (e.g. data/my-corpus)"),
+    (["--output-prefix", "{tmp}/in.jsonl/sub/x"],
+     "error: --output-prefix {tmp}/in.jsonl/sub/x: {tmp}/in.jsonl is not a directory"),
+])
+def test_every_user_error_is_one_line_exit_2(tmp_path, capsys, extra, message):
+    """Flag domains, argparse's own errors and an unusable --output-prefix: exit 2 like the trainer."""
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
+    argv = ["--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "out" / "x", "--tokenizer-type",
+            "NullTokenizer", "--vocab-size", "10", *[a.format(tmp=tmp_path) for a in extra]]
+    try:
+        rc = pp.main([str(a) for a in argv])
+    except SystemExit as e:  # the parser's errors exit from argparse
+        rc = e.code
+    assert (rc, capsys.readouterr().err.splitlines()) == (2, [message.format(tmp=tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
 
 def test_cli_subprocess(tmp_path):
@@ -309,7 +332,7 @@ def test_cli_subprocess(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(src),
            "--output-prefix", str(tmp_path / "out" / "c"), *GPT2, "--workers", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr == f"error: {src}:2: truncated file: last record is incomplete JSON (Unterminated string starting at)\n"
     assert leftovers(tmp_path / "out") == []
 

@@ -188,13 +188,13 @@ def test_train_sentencepiece_errors(tmp_path, capsys):
     data = tmp_path / "t.txt"
     data.write_text("\n".join(_english(50)) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    assert train_tokenizer_main(["--input", str(data), "--vocab-size", "100000", "--output-prefix", str(out / "sp")]) == 1
+    assert train_tokenizer_main(["--input", str(data), "--vocab-size", "100000", "--output-prefix", str(out / "sp")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: sentencepiece: ") and "Vocabulary size too high" in err and err.count("\n") == 1
     assert list(out.iterdir()) == []  # the temporary model was removed
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": 1}\n', encoding="utf-8")
-    assert train_tokenizer_main(["--input", str(bad), "--vocab-size", "50", "--output-prefix", str(out / "sp")]) == 1
+    assert train_tokenizer_main(["--input", str(bad), "--vocab-size", "50", "--output-prefix", str(out / "sp")]) == 2
     assert capsys.readouterr().err == f"error: {bad}:2: key 'text' is a number, expected a string\n"
     assert list(out.iterdir()) == []

@@ -352,7 +352,7 @@ def test_nan_stop_names_the_checkpoint_saved_before_the_streak(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# preprocessing (tools/preprocess_data.py's contract: one `error:` line, exit 1, nothing written)
+# preprocessing (tools/preprocess_data.py's contract: one `error:` line, exit 2, nothing written)
 
 NULL_TOK = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]
 
@@ -366,7 +366,7 @@ def test_preprocess_all_empty_corpus_writes_nothing(tmp_path, capsys, content, n
     capsys.readouterr()
     rc = preprocess.main(["--input", str(tmp_path / name), "--output-prefix", str(tmp_path / "out" / "c"), *NULL_TOK])
     err = capsys.readouterr().err.strip().splitlines()
-    assert (rc, err) == (1, [f"error: {tmp_path / name}: no documents"])
+    assert (rc, err) == (2, [f"error: {tmp_path / name}: no documents"])
     assert sorted(os.listdir(tmp_path)) == [name] + (["out"] if (tmp_path / "out").exists() else [])
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
@@ -392,7 +392,7 @@ def test_preprocess_write_error_names_the_file_and_removes_temporaries(tmp_path)
     p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(src),
                         "--output-prefix", str(out / "c"), *NULL_TOK], capture_output=True, text=True,
                        preexec_fn=limit, timeout=300)
-    assert p.returncode == 1, p.stderr
+    assert p.returncode == 2, p.stderr
     assert p.stderr == f"error: {out / 'c'}_text_document.bin/.idx: File too large\n"
     assert os.listdir(out) == []  # the temporary .bin is gone
 

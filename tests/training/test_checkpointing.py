@@ -1,6 +1,7 @@
 """Checkpoints under kill -9: resuming continues the uninterrupted loss curve exactly, a kill inside
 a save leaves the previous checkpoint loadable, a different model config is refused in one line,
-and a checkpoint loads into other parallel layouts (PP, TP+SP, EP) with the same losses.
+a checkpoint loads into other parallel layouts (PP, TP+SP, EP) with the same losses, and resumes
+there with its optimizer state (plain optimizer; distributed one saved fully_reshardable).
 
 Each run is a real `python pretrain_gpt.py` process; per-iteration losses are read back from the
 TensorBoard event files the runs write. Dropout stays on (0.1) so the RNG has to be restored too.
@@ -204,12 +205,92 @@ def test_resume_with_optimizer_on_another_layout_equals_uninterrupted_run(layout
         assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
 
 
-def test_resume_with_optimizer_across_an_expert_layout_change_is_refused_before_building(reference_and_checkpoint_4):
-    _, ckpt = reference_and_checkpoint_4
+def torchrun2(argv):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "pretrain_gpt.py", *RESUME_FLAGS, "--expert-model-parallel-size", "2", "--load", str(ckpt)],
-                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+                        "pretrain_gpt.py", *argv], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+EP2 = ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]
+
+
+@pytest.fixture(scope="module")
+def resumed_on_ep2(reference_and_checkpoint_4, tmp_path_factory):
+    """The 1-rank checkpoint of iteration 4 resumed with its optimizer state on 2 ranks with EP=2,
+    where Megatron splits the optimizer in two (dense + expert; one at EP=1); saves iteration 6."""
+    _, ckpt = reference_and_checkpoint_4
+    root = tmp_path_factory.mktemp("resume-ep2")
+    out = torchrun2(RESUME_FLAGS + EP2 + ["--load", str(ckpt), "--save", str(root / "ck"), "--save-interval", "2",
+                                          "--tensorboard-dir", str(root / "tb")])
+    assert "iteration 4, 16 samples consumed" in out
+    (root / "ck" / "latest_checkpointed_iteration.txt").write_text("6\n")
+    return tb_losses(root / "tb"), root / "ck"
+
+
+def test_resume_with_optimizer_from_one_rank_onto_expert_parallel_equals_uninterrupted_run(
+        reference_and_checkpoint_4, resumed_on_ep2):
+    reference, _ = reference_and_checkpoint_4
+    losses, _ = resumed_on_ep2
+    assert sorted(losses) == [5, 6, 7, 8]
+    for i in losses:
+        assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
+
+
+def test_resume_with_optimizer_from_expert_parallel_onto_one_rank_equals_uninterrupted_run(
+        reference_and_checkpoint_4, resumed_on_ep2, tmp_path):
+    reference, _ = reference_and_checkpoint_4
+    _, ckpt = resumed_on_ep2
+    rc, out, err = train(RESUME_FLAGS + ["--load", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb")])
+    assert rc == 0, err[-3000:]
+    assert "iteration 6, 24 samples consumed" in out
+    losses = tb_losses(tmp_path / "tb")
+    assert sorted(losses) == [7, 8]
+    for i in losses:
+        assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
+
+
+# The distributed optimizer: its default dp_reshardable state holds buffer slices (another DP size
+# only); --dist-ckpt-optim-fully-reshardable saves it by parameter, and then any layout resumes.
+DIST_OPT = ["--use-distributed-optimizer"]
+
+
+@pytest.fixture(scope="module")
+def fully_reshardable_checkpoint_4(tmp_path_factory):
+    """A 1-rank distributed-optimizer run stopped after saving iteration 4 in fully_reshardable."""
+    root = tmp_path_factory.mktemp("fully-reshardable")
+    rc, out, err = train(RESUME_FLAGS + DIST_OPT + ["--dist-ckpt-optim-fully-reshardable", "--save", str(root / "ck"),
+                                                    "--save-interval", "4", "--exit-interval", "4"])
+    assert rc == 0, err[-3000:]
+    return root / "ck"
+
+
+@pytest.mark.parametrize("layout", ["tensor-2+sp", "expert-2"])
+def test_distributed_optimizer_fully_reshardable_resumes_on_another_layout(layout, reference_and_checkpoint_4,
+                                                                           fully_reshardable_checkpoint_4, tmp_path):
+    """Needs mcore_compat's fully_reshardable_load_skips_adam_step (else KeyError 'step' in torch Adam);
+    the reference is the plain optimizer's 1-rank run (the distributed one follows it < 1e-5)."""
+    reference, _ = reference_and_checkpoint_4
+    flags = {"tensor-2+sp": RESUME_LAYOUTS["tensor-2+sp"], "expert-2": EP2}[layout]
+    out = torchrun2(RESUME_FLAGS + DIST_OPT + flags + ["--load", str(fully_reshardable_checkpoint_4),
+                                                       "--tensorboard-dir", str(tmp_path / "tb")])
+    assert "iteration 4, 16 samples consumed" in out and "DistributedOptimizer" in out
+    losses = tb_losses(tmp_path / "tb")
+    assert sorted(losses) == [5, 6, 7, 8]
+    for i in losses:
+        assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
+
+
+def test_distributed_optimizer_dp_reshardable_on_another_layout_is_refused_before_building(tmp_path):
+    rc, out, err = train(RESUME_FLAGS + DIST_OPT + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save",
+                                                    str(tmp_path / "ck")])
+    assert rc == 0, err[-3000:]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "pretrain_gpt.py", *RESUME_FLAGS, *DIST_OPT, *RESUME_LAYOUTS["tensor-2+sp"], "--load",
+                        str(tmp_path / "ck")], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert p.returncode != 0 and len(lines) == 1, p.stderr[-3000:]
-    assert "--expert-model-parallel-size 1, this run has 2" in lines[0] and "--no-load-optim" in lines[0]
+    assert "its dp_reshardable state reshards over data parallelism only" in lines[0]
+    # `in`, not endswith: the other rank's stderr may land on the same line
+    assert "--dist-ckpt-optim-fully-reshardable" in lines[0] and "pass --no-load-optim" in lines[0]
     assert "parameters:" not in p.stdout  # refused before the model was built

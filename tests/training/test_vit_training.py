@@ -103,3 +103,40 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert _error(TINY + ["--num-workers", "-1"], capsys) == "error: --num-workers must be >= 0 (got -1)"
     assert "--moe-layer-freq" in _error(TINY + ["--train-iters", "3"] + ROUTERS["self"][:4] + ["--moe-layer-freq", "[1,0,1]"],
                                         capsys)
+
+
+@pytest.fixture(scope="module")
+def one_step_vit_checkpoint(tmp_path_factory):
+    """(flags, checkpoint folder) of 1 iteration on a 2-class folder of 28x28 grey images."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("vit-shape")
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(root / "images" / split / c)
+            Image.new("L", (28, 28), 40).save(root / "images" / split / c / "0.png")
+    flags = TINY + ["--num-classes", "2", "--data-path", str(root / "images"), "--micro-batch-size", "2",
+                    "--eval-iters", "0", "--lr-warmup-iters", "0", "--load", str(root / "ck")]
+    pretrain_vit.main(flags + ["--train-iters", "1", "--save", str(root / "ck")])
+    return flags, root / "ck"
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--img-h", "56"], "--img-h 28 in the checkpoint but 56 now"),
+    (["--img-w", "42"], "--img-w 28 in the checkpoint but 42 now"),
+    (["--patch-dim", "7"], "--patch-dim 14 in the checkpoint but 7 now"),
+    (["--num-classes", "3"], "--num-classes 2 in the checkpoint but 3 now"),
+    (["--num-channels", "3"], "--num-channels 1 in the checkpoint but 3 now"),
+    (["--vit-pool", "cls"], "--vit-pool mean in the checkpoint but cls now"),
+])
+def test_resume_with_another_image_geometry_or_head_is_one_line_naming_the_flag(change, named, one_step_vit_checkpoint,
+                                                                                  capsys):
+    """These flags shape the model without being config fields: refused before the model is built."""
+    flags, ckpt = one_step_vit_checkpoint
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        pretrain_vit.main(flags + ["--train-iters", "2"] + change)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2
+    assert err.splitlines() == [f"error: cannot resume from {ckpt / 'iter_0000001'}: the model differs: {named}"]
+    assert "parameters:" not in out
