@@ -88,7 +88,8 @@ class Study:
     save_interval: int | None = None
 
     def runs(self) -> list[Run]:
-        return [Run(r, s, os.path.join(self.output, "runs", f"{r}-s{s}")) for r in self.routers for s in self.seeds]
+        """Seed by seed (every router once before any gets a second seed: a study cut short still compares all)."""
+        return [Run(r, s, os.path.join(self.output, "runs", f"{r}-s{s}")) for s in self.seeds for r in self.routers]
 
     def router_flags(self, router: str) -> list[str]:
         """The flags that make the base launch this router's run (appended after the base flags)."""
@@ -328,6 +329,7 @@ def launch(study: Study, run: Run, progress: Progress, start_iter: int) -> tuple
         try:
             for line in proc.stdout:
                 log.write(line)
+                log.flush()  # a killed study keeps the run's log
                 m = _ITERATION_LINE.match(line)
                 if m:
                     it = int(m.group(1))
