@@ -226,6 +226,13 @@ def check_identity(study: Study):
                                  f"({old.get(key)!r}, now {value!r}); use another --output")
 
 
+def save_identity(study: Study):
+    """STUDY/study.json, once: later calls on the folder are checked against it (check_identity)."""
+    path = os.path.join(study.output, "study.json")
+    if not os.path.isfile(path):
+        write_atomically(path, json.dumps(study.identity(), indent=1) + "\n")
+
+
 def write_atomically(path: str, text: str):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -280,10 +287,7 @@ class Progress:
 def run_study(study: Study, out=None) -> dict:
     """Run every unfinished (router, seed) one after another; returns {"launched": [...], "failed": [...]}."""
     out = out or sys.stdout
-    os.makedirs(study.output, exist_ok=True)
-    path = os.path.join(study.output, "study.json")
-    if not os.path.isfile(path):
-        write_atomically(path, json.dumps(study.identity(), indent=1) + "\n")
+    save_identity(study)
     runs = study.runs()
     done = {run.name for run in runs if is_finished(study, run)}
     todo = [run for run in runs if run.name not in done]
@@ -696,7 +700,8 @@ def write_plots(logs: list[RunLog], rows: list[dict], folder: str, unit: str) ->
                 maps.append((r, by_router[r][0].seed, *lf))
     if maps:
         vmax = max(max(max(row) for row in m[2]) for m in maps)
-        fig, axes = plt.subplots(1, len(maps), figsize=(2.4 * len(maps) + 0.8, 2.8), dpi=90, squeeze=False)
+        fig, axes = plt.subplots(1, len(maps), figsize=(max(4.5, 2.2 * len(maps) + 1.2), 3.0), dpi=90,
+                                 squeeze=False, layout="constrained")
         for ax, (r, seed, grid, layers) in zip(axes[0], maps):
             im = ax.imshow(grid, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
             ax.set_title(f"{r} (seed {seed})", fontsize=9)
@@ -705,8 +710,8 @@ def write_plots(logs: list[RunLog], rows: list[dict], folder: str, unit: str) ->
             ax.set_yticklabels([str(l) for l in layers], fontsize=7)
             ax.tick_params(axis="x", labelsize=7)
         axes[0][0].set_ylabel("layer", fontsize=8)
-        fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="load fraction")
-        fig.suptitle("expert load per layer, last log interval (uniform = 1/E)", fontsize=9)
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.9, label=f"load fraction (uniform {1 / len(maps[0][2][0]):.3g})")
+        fig.suptitle("expert load per MoE layer, last log interval", fontsize=9)
         fig.savefig(os.path.join(folder, "expert_load.png"))
         plt.close(fig)
         written.append(("expert_load.png", "expert load per layer at the end of training"))

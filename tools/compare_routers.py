@@ -19,6 +19,10 @@ from their checkpoint. See selfmoe/studies.py for what is matched between runs.
 import argparse
 import os
 import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="full scope is deprecated")  # megatron-core, on every config
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -73,6 +77,8 @@ def main(argv=None):
                 raise StudyError(f"unknown recipe {args.recipe!r} (choose from {', '.join(RECIPES)}, or --script)")
             repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             script = os.path.join(repo, RECIPES[args.recipe])
+            if not os.path.relpath(script).startswith(".."):
+                script = os.path.relpath(script)  # launch lines read like the README's
         elif args.script:
             script = args.script
         else:
@@ -85,8 +91,9 @@ def main(argv=None):
                            train_tokens=args.train_tokens, train_images=args.train_images,
                            nproc_per_node=args.nproc_per_node, save_interval=args.save_interval)
         if args.emit_launch:
-            from selfmoe.studies import is_finished
+            from selfmoe.studies import is_finished, save_identity
 
+            save_identity(study)  # the cluster's runs belong to this study: later calls must match it
             for run in study.runs():
                 if not is_finished(study, run):
                     print(study.launch_line(run, args.launcher))
