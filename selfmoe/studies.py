@@ -734,10 +734,19 @@ def study_report(study: Study) -> dict:
 
 
 def report_from_tensorboard(paths: list, folder: str) -> dict:
-    dirs = find_tensorboard_dirs(paths)
-    logs = [read_run(d) for d in dirs]
-    logs = [l for l in logs if l.final(l.validation_tag) is not None]
+    logs, left = [], []
+    for d in find_tensorboard_dirs(paths):
+        log = read_run(d)
+        target = log.args.get("train_iters", "None")
+        reached = log.final_step(log.validation_tag)
+        if reached is None or (target.isdigit() and reached < int(target)):
+            left.append(f"{d} (validation at iteration {reached} of {target})")
+        else:
+            logs.append(log)
     if not logs:
-        raise StudyError("--from-tensorboard: no run with a validation result under " + " ".join(paths))
-    return write_report(logs, folder, "Router study (from TensorBoard logs)",
-                        [f"runs: {', '.join(l.path for l in logs)}"])
+        raise StudyError("--from-tensorboard: no finished run (validation at its last iteration) under "
+                         + " ".join(paths))
+    notes = [f"runs: {', '.join(l.path for l in logs)}"]
+    if left:
+        notes.append(f"not finished, left out: {'; '.join(left)}")
+    return write_report(logs, folder, "Router study (from TensorBoard logs)", notes)
