@@ -164,6 +164,23 @@ def test_from_tensorboard_builds_the_same_table(study, tmp_path):
     assert by_router(tmp_path / "r" / "report.csv") == by_router(os.path.join(s.output, "report", "report.csv"))
 
 
+def test_from_tensorboard_leaves_out_unfinished_runs(study, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    s, _, _ = study
+    shutil.copytree(os.path.join(s.output, "runs", "learned-s1", "tensorboard"), tmp_path / "runs" / "a")
+    w = SummaryWriter(str(tmp_path / "runs" / "b"))  # a run stopped at iteration 4 of 10
+    for name, value in (("train_iters", "10"), ("seed", "5"), ("num_experts", "4"), ("moe_router_type", "self")):
+        w.add_text(name, value, 0)
+    w.add_scalar("lm loss validation", 6.0, 4)
+    w.add_scalar("throughput/tokens-per-sec", 100.0, 4)
+    w.close()
+    assert main(["--from-tensorboard", str(tmp_path / "runs"), "--output", str(tmp_path / "r")]) == 0
+    assert [r["router"] for r in read_csv(tmp_path / "r" / "report.csv")] == ["learned"]
+    assert f"not finished, left out: {tmp_path / 'runs' / 'b'} (validation at iteration 4 of 10)" in \
+        open(tmp_path / "r" / "report.md").read()
+
+
 def test_emit_launch_lines(study, capsys):
     s, _, _ = study
     os.remove(os.path.join(s.output, "runs", "dense-s2", "done.json"))  # finished runs print nothing...
