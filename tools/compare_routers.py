@@ -54,6 +54,10 @@ def build_parser():
     return p
 
 
+def _stop(signum, frame):  # SIGTERM as Ctrl-C: the running training process is stopped too (it resumes later)
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     base = []
@@ -119,4 +123,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)  # also when started in the background (SIGINT ignored there)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("study: interrupted; the same command resumes it", file=sys.stderr)
+        sys.exit(130)
