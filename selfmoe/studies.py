@@ -564,12 +564,14 @@ def claims(rows: list[dict], unit: str) -> list[tuple]:
         if a not in by or b not in by or by[a][f"{key}_mean"] is None or by[b][f"{key}_mean"] is None:
             return
         x, y = by[a][f"{key}_mean"], by[b][f"{key}_mean"]
-        noise = (by[a][f"{key}_std"] or 0.0) + (by[b][f"{key}_std"] or 0.0)
+        stds = (by[a][f"{key}_std"], by[b][f"{key}_std"])
         rel = 100.0 * (x / y - 1.0)
         if math.copysign(1, x - y) != want_sign or x == y:
             verdict = "no"
+        elif None in stds:
+            verdict = "same direction (one seed: no noise estimate)"
         else:
-            verdict = "yes" if abs(x - y) > noise and noise > 0 else "within noise"
+            verdict = "yes" if abs(x - y) > sum(stds) else "within noise"
         out.append((label, f"{rel:+.1f}% ({_fmt(x, by[a][f'{key}_std'], 3)} vs {_fmt(y, by[b][f'{key}_std'], 3)})",
                     paper, verdict))
 

@@ -251,3 +251,18 @@ def test_command_line_exit_code():
                         "--routers", "learned,nope", "--output", "unused"], capture_output=True, text=True,
                        cwd=REPO, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --routers: unknown router")
+
+
+def test_claim_verdicts():
+    def row(router, ppl, sd, ent=0.9):
+        return {"router": router, "val_ppl_mean": ppl, "val_ppl_std": sd, "normalized_entropy_mean": ent,
+                "normalized_entropy_std": sd and 0.01}
+
+    rows = [row("learned", 100.0, 1.0), row("self", 103.0, 1.0, ent=1.0), row("random", 101.0, 1.0),
+            row("hash", 95.0, 1.0), row("routing-free", 90.0, None)]
+    got = {c: (m, v) for c, m, p, v in studies.claims(rows, "tokens")}
+    assert got["Self-Routing vs learned: validation PPL"] == ("+3.0% (103.000 ± 1.000 vs 100.000 ± 1.000)", "yes")
+    assert got["Self-Routing vs learned: normalized routing entropy"][1] == "yes"  # +11%, beyond 0.02
+    assert got["random vs learned: validation PPL"][1] == "within noise"  # +1 < 1 + 1
+    assert got["hash vs learned: validation PPL"][1] == "no"  # the paper says worse; here better
+    assert got["Routing-Free vs learned top-k, matched density: validation PPL"][1].startswith("same direction")
