@@ -260,9 +260,16 @@ def test_claim_verdicts():
 
     rows = [row("learned", 100.0, 1.0), row("self", 103.0, 1.0, ent=1.0), row("random", 101.0, 1.0),
             row("hash", 95.0, 1.0), row("routing-free", 90.0, None)]
+    for r in rows:
+        r["experts_per_token_mean"] = 2.0
     got = {c: (m, v) for c, m, p, v in studies.claims(rows, "tokens")}
     assert got["Self-Routing vs learned: validation PPL"] == ("+3.0% (103.000 ± 1.000 vs 100.000 ± 1.000)", "yes")
     assert got["Self-Routing vs learned: normalized routing entropy"][1] == "yes"  # +11%, beyond 0.02
     assert got["random vs learned: validation PPL"][1] == "within noise"  # +1 < 1 + 1
     assert got["hash vs learned: validation PPL"][1] == "no"  # the paper says worse; here better
     assert got["Routing-Free vs learned top-k, matched density: validation PPL"][1].startswith("same direction")
+    rows[1]["val_ppl_mean"] = 99.5  # opposite to the paper, by less than the noise
+    rows[4]["experts_per_token_mean"] = 8.0  # Routing-Free missed its density target
+    got = {c: v for c, m, p, v in studies.claims(rows, "tokens")}
+    assert got["Self-Routing vs learned: validation PPL"] == "no (opposite sign, within noise)"
+    assert "Routing-Free vs learned top-k: validation PPL (NOT matched: 8.00 vs 2.00 experts/token)" in got
