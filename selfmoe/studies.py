@@ -572,7 +572,8 @@ def claims(rows: list[dict], unit: str) -> list[tuple]:
             verdict = "same direction (one seed: no noise estimate)"
         else:
             verdict = "yes" if abs(x - y) > sum(stds) else "within noise"
-        out.append((label, f"{rel:+.1f}% ({_fmt(x, by[a][f'{key}_std'], 3)} vs {_fmt(y, by[b][f'{key}_std'], 3)})",
+        diff = f"{x - y:+.2f} points" if key == "top1" else f"{rel:+.1f}%"  # accuracies differ in points
+        out.append((label, f"{diff} ({_fmt(x, by[a][f'{key}_std'], 3)} vs {_fmt(y, by[b][f'{key}_std'], 3)})",
                     paper, verdict))
 
     if unit == "tokens":
