@@ -3,7 +3,10 @@
 Console: one line per log interval, a line per validation, parameter counts at the start and a
 summary at the end, all from the last rank (it holds the loss, as in Megatron-LM).
 TensorBoard: Megatron-LM's scalar names where they exist (`lm loss`, `learning-rate`,
-`grad-norm`, `iteration-time`, `lm loss validation`, `lm loss validation ppl`) plus `routing/*`.
+`grad-norm`, `iteration-time`, `lm loss validation`, `lm loss validation ppl`) plus `routing/*`
+(with each MoE layer's expert load fractions), `parameters/{total,active,router}`, and the run's
+arguments as text, one tag per argument (Megatron-LM's write_args_to_tensorboard), so that a
+report can be built from the event files alone (tools/compare_routers.py --from-tensorboard).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class TrainingLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
+            for name, value in sorted(vars(args).items()):  # as Megatron-LM: one text tag per argument
+                if not name.startswith("_") and isinstance(value, (int, float, str, bool, type(None), list, tuple)):
+                    self.writer.add_text(name, str(value), 0)
         self.history: list[tuple[int, float]] = []  # (iteration, lm loss) of every trained iteration
         self.validation: list[tuple[int, float]] = []
         self.validation_metrics: dict = {}  # the last validation's extra metrics (top-1, top-5)
@@ -73,6 +79,8 @@ class TrainingLogger:
         router = f" | router {human(counts['router'])} ({router_type})" if router_type else " | dense"
         print_rank_last(f"parameters: total {human(counts['total'])} | active per token {human(counts['active'])}"
                         f"{router}")
+        for key in ("total", "active", "router"):  # constant over a run; step 0
+            self.scalar(f"parameters/{key}", counts[key], 0)
 
     def iteration(self, iteration: int, loss: float | None, lr: float, grad_norm: float | None, skipped: bool,
                   aux_losses: dict, step_seconds: float):
@@ -134,6 +142,8 @@ class TrainingLogger:
             self.scalar(f"routing/{key}", m.get(key), iteration)
         for layer, lm in m.get("layers", {}).items():
             self.scalar(f"routing/normalized_entropy/layer_{layer}", lm["normalized_entropy"], iteration)
+            for expert, f in enumerate(lm.get("load_fraction", ())):  # share of the layer's routed pairs
+                self.scalar(f"routing/load_fraction/layer_{layer}/expert_{expert}", f, iteration)
         if "lambda" in m:  # Routing-Free
             self.scalar("routing/density", m.get("density"), iteration)
             self.scalar("routing/lambda", m["lambda"], iteration)
