@@ -101,6 +101,15 @@ class Study:
             flags += ["--moe-aux-loss-coeff", LEARNED_AUX_LOSS_COEFF]
         if router == "routing-free" and "--routing-free-density-target" not in given:
             flags += ["--routing-free-density-target", repr(self.topk / self.num_experts)]
+        if router == "routing-free" and "--routing-free-preset" not in given:
+            from selfmoe.training.arguments import ROUTING_FREE_DEMO_DEFAULTS
+
+            # the demo's lambda controller: the paper's (lambda0 1e-10, eta 0.02) would leave a
+            # study-length run dense, not at the matched density
+            for name, value in ROUTING_FREE_DEMO_DEFAULTS.items():
+                flag = "--" + name.replace("_", "-")
+                if flag not in given:
+                    flags += [flag, str(value)]
         return flags
 
     def run_flags(self, run: Run) -> list[str]:

@@ -273,3 +273,23 @@ def test_claim_verdicts():
     got = {c: v for c, m, p, v in studies.claims(rows, "tokens")}
     assert got["Self-Routing vs learned: validation PPL"] == "no (opposite sign, within noise)"
     assert "Routing-Free vs learned top-k: validation PPL (NOT matched: 8.00 vs 2.00 experts/token)" in got
+
+
+def test_router_flags_match_active_compute_and_density():
+    """Dense: one FFN of k x expert width; Routing-Free: density target k/E and the demo's fast lambda
+    controller (the paper's would leave a study-length run dense); the user's own flags win."""
+    from selfmoe.studies import Study
+
+    def flags(router, base=()):
+        s = Study(script="pretrain_gpt.py", base_flags=list(base), routers=[router], seeds=[1], output="/tmp/unused",
+                  train_iters=10, num_experts=8, topk=2, expert_width=64)
+        f = s.router_flags(router)
+        return dict(zip(f[::2], f[1::2]))
+
+    assert flags("dense") == {"--num-experts": "0", "--ffn-hidden-size": "128"}
+    rf = flags("routing-free")
+    assert rf["--routing-free-density-target"] == "0.25"
+    assert (rf["--routing-free-eta"], rf["--routing-free-lambda0"]) == ("0.1", "0.001")
+    own = flags("routing-free", ["--routing-free-eta", "0.3", "--routing-free-density-target", "0.5"])
+    assert "--routing-free-eta" not in own and "--routing-free-density-target" not in own
+    assert "--routing-free-eta" not in flags("routing-free", ["--routing-free-preset", "reference"])

@@ -60,10 +60,11 @@ DEMO_DEFAULTS = dict(
     hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False, init_method_std=0.02,
     log_interval=25, eval_interval=100, eval_iters=4, tokenizer_type="GPT2BPETokenizer",
 )
-# With --moe-router-type routing-free: the paper's lambda controller (lambda0 = 1e-10, eta = 0.02,
-# sign rule) needs ~1,000 steps before lambda matters; a few-minute run needs the authors' quadratic
-# rule with a faster start to bring the density to its target (README "Routing-Free MoE").
-ROUTING_FREE_DEMO_DEFAULTS = dict(routing_free_lambda_rule="quadratic", routing_free_eta=0.2, routing_free_lambda0=1e-3)
+# With --moe-router-type routing-free: the paper's lambda controller (lambda0 = 1e-10, eta = 0.02)
+# needs ~1,000 steps before lambda matters; a few-hundred-step run needs a faster start and step to
+# bring the density to its target (the same sign rule; the quadratic rule drifted below the target
+# in 300 demo steps; README "Routing-Free MoE"). Also what tools/compare_routers.py runs use.
+ROUTING_FREE_DEMO_DEFAULTS = dict(routing_free_lambda_rule="sign", routing_free_eta=0.1, routing_free_lambda0=1e-3)
 DEMO_DEFAULTS.update(ROUTING_FREE_DEMO_DEFAULTS)
 
 

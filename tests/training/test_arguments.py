@@ -305,18 +305,18 @@ def test_demo_defaults_apply_only_without_a_model_description():
 
 
 def test_routing_free_demo_uses_a_fast_lambda_controller_and_says_so():
-    """Only the no-model-flags demo: the authors' quadratic rule, eta 0.2, lambda0 1e-3 (a note
-    lists them); a described model keeps the paper's controller; explicit flags and the preset win."""
+    """Only the no-model-flags demo: eta 0.1, lambda0 1e-3 (a note lists them); a described model
+    keeps the paper's controller; explicit flags and the preset win."""
     from selfmoe.training.arguments import DEMO_DEFAULTS
 
     def controller(a):
         return a.routing_free_lambda_rule, a.routing_free_eta, a.routing_free_lambda0
 
     demo = parse_args(["--moe-router-type", "routing-free"], demo_defaults=DEMO_DEFAULTS)
-    assert controller(demo) == ("quadratic", 0.2, 1e-3)
-    assert any(n.startswith("demo: routing-free lambda controller") and "--routing-free-eta 0.2" in n for n in demo.notes)
+    assert controller(demo) == ("sign", 0.1, 1e-3)
+    assert any(n.startswith("demo: routing-free lambda controller") and "--routing-free-eta 0.1" in n for n in demo.notes)
     flag = parse_args(["--moe-router-type", "routing-free", "--routing-free-eta", "0.05"], demo_defaults=DEMO_DEFAULTS)
-    assert controller(flag) == ("quadratic", 0.05, 1e-3) and "--routing-free-eta" not in " ".join(flag.notes)
+    assert controller(flag) == ("sign", 0.05, 1e-3) and "--routing-free-eta" not in " ".join(flag.notes)
     preset = parse_args(["--moe-router-type", "routing-free", "--routing-free-preset", "reference"],
                         demo_defaults=DEMO_DEFAULTS)
     assert controller(preset) == ("quadratic", 0.2, 1e-5)
