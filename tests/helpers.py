@@ -1,5 +1,9 @@
 """Test helpers: tiny configs and an independent brute-force MoE reference."""
 
+import os
+import subprocess
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -65,3 +69,26 @@ def dp_step(engine, ids, rank, world):
     total = loss.detach().clone()
     dist.all_reduce(total)
     return total.item() / world
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, argv, nproc=1, timeout=300):
+    """Run a repo entry point (`pretrain_gpt.py`, ...) in a fresh process, under torchrun when
+    nproc > 1, without the test session's rank variables; assert it succeeded, return stdout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc-per-node", str(nproc)]
+    p = subprocess.run([*launcher, script, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def tb_scalars(logdir, tag):
+    """{step: value} of one TensorBoard scalar tag in `logdir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir))
+    ea.Reload()
+    return {e.step: e.value for e in ea.Scalars(tag)}

@@ -7,13 +7,10 @@ the loss within a few steps. Hash routing needs the token ids on every pipeline 
 Same weights in every layout: a 1-rank checkpoint, resharded on load by dist_checkpointing.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import run_script, tb_scalars
+
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
         "--log-interval", "1", "--disable-bias-linear", "--num-experts", "4", "--hidden-dropout", "0",
@@ -40,40 +37,26 @@ pytestmark = pytest.mark.slow
 _cache: dict = {}
 
 
-def run(argv, nproc=1):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    "--nproc-per-node", str(nproc)]
-    p = subprocess.run([*launcher, "pretrain_gpt.py", *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return p.stdout
-
-
-def tb_losses(logdir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(logdir))
-    ea.Reload()
-    return {e.step: e.value for e in ea.Scalars("lm loss")}
+def run_gpt(argv, nproc=1):
+    return run_script("pretrain_gpt.py", argv, nproc)
 
 
 def reference(router, tmp_path_factory):
     """(checkpoint after 1 iteration, losses of 4 more iterations on 1 rank)."""
     if router not in _cache:
         d = tmp_path_factory.mktemp(f"ref-{router}")
-        run(BASE + ROUTERS[router] + ["--train-iters", "1", "--save", str(d / "ckpt")])
-        run(BASE + ROUTERS[router] + ["--train-iters", "4", "--finetune", "--load", str(d / "ckpt"),
-                                      "--tensorboard-dir", str(d / "tb")])
-        _cache[router] = d / "ckpt", tb_losses(d / "tb")
+        run_gpt(BASE + ROUTERS[router] + ["--train-iters", "1", "--save", str(d / "ckpt")])
+        run_gpt(BASE + ROUTERS[router] + ["--train-iters", "4", "--finetune", "--load", str(d / "ckpt"),
+                                          "--tensorboard-dir", str(d / "tb")])
+        _cache[router] = d / "ckpt", tb_scalars(d / "tb", "lm loss")
     return _cache[router]
 
 
 @pytest.mark.parametrize("router,layout", CASES)
 def test_layout_matches_one_rank(router, layout, tmp_path, tmp_path_factory):
     ckpt, ref = reference(router, tmp_path_factory)
-    run(BASE + ROUTERS[router] + LAYOUTS[layout] + ["--train-iters", "4", "--finetune", "--load", str(ckpt),
-                                                    "--tensorboard-dir", str(tmp_path / "tb")], nproc=2)
-    got = tb_losses(tmp_path / "tb")
+    run_gpt(BASE + ROUTERS[router] + LAYOUTS[layout] + ["--train-iters", "4", "--finetune", "--load", str(ckpt),
+                                                        "--tensorboard-dir", str(tmp_path / "tb")], nproc=2)
+    got = tb_scalars(tmp_path / "tb", "lm loss")
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
     assert got == pytest.approx(ref, rel=1e-5)

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from helpers import tb_scalars
+
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,11 +65,7 @@ def train_and_kill(argv, marker, tmp_path, **env_extra):
 
 
 def tb_losses(logdir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(logdir))
-    ea.Reload()
-    return {e.step: e.value for e in ea.Scalars("lm loss")}
+    return tb_scalars(logdir, "lm loss")
 
 
 _uninterrupted: dict = {}

@@ -7,12 +7,11 @@ count equal to a hand count), and trains on 1 process and at EP=2."""
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import run_script, tb_scalars
 from selfmoe.models import build_gpt_model
 from selfmoe.training.arguments import args_to_config, parse_args
 
@@ -118,32 +117,14 @@ def test_force_load_balancing_routes_by_random_scores(mp, router):
     assert (forced[0].sum(-1) == 2).all()  # still top-2 per token
 
 
-def _run(argv, nproc):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    "--nproc-per-node", str(nproc)]
-    p = subprocess.run([*launcher, "pretrain_gpt.py", *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return p.stdout
-
-
-def tb_scalars(logdir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(logdir))
-    ea.Reload()
-    return {e.step: e.value for e in ea.Scalars(tag)}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("router", ["learned", "self"])
 def test_deepseek_v3_launch_trains_on_one_process_and_at_ep2(router, tmp_path):
     """pretrain_gpt.py with the script's flags: 1 process, then 2 gloo ranks with
     --expert-model-parallel-size 2 (EP=2 against 1 rank, weights equal, is tests/distributed's)."""
     for nproc, extra in ((1, []), (2, ["--expert-model-parallel-size", "2"])):
-        out = _run(DEEPSEEK_V3 + ["--moe-router-type", router, "--tensorboard-dir", str(tmp_path / str(nproc))]
-                   + extra, nproc)
+        out = run_script("pretrain_gpt.py", DEEPSEEK_V3 + ["--moe-router-type", router,
+                                                           "--tensorboard-dir", str(tmp_path / str(nproc))] + extra, nproc)
         assert f"expert-parallel {nproc} |" in out
         assert "ignored: --moe-token-dispatcher-type flex (needs DeepEP or HybridEP" in out
         assert f"parameters: total {hand_count(router) / 1000:.2f}k" in out

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from helpers import tb_scalars
 from selfmoe.training import gpt
 from selfmoe.training.arguments import args_to_config, parse_args
 from selfmoe.training.trainer import TrainingDiverged, pretrain
@@ -126,11 +127,7 @@ def test_nan_weights_are_never_saved(tmp_path):
 
 
 def read_tb_losses(logdir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(logdir))
-    ea.Reload()
-    return {e.step: e.value for e in ea.Scalars("lm loss")}
+    return tb_scalars(logdir, "lm loss")
 
 
 @pytest.mark.slow
