@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from selfmoe.config import make_config
 

@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel

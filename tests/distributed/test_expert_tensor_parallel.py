@@ -9,7 +9,8 @@ Megatron's experts (learned router) and Routing-Free's AoE experts.
 
 import pytest
 
-from test_training_layouts import BASE, ROUTERS, run, tb_losses
+from helpers import tb_scalars
+from test_training_layouts import BASE, ROUTERS, run_gpt
 
 pytestmark = pytest.mark.slow
 CASES = {"learned": ["--moe-router-type", "learned"], "routing-free": ROUTERS["routing-free"]}
@@ -18,12 +19,12 @@ CASES = {"learned": ["--moe-router-type", "learned"], "routing-free": ROUTERS["r
 @pytest.mark.parametrize("router", list(CASES))
 def test_etp1_under_tp2_matches_one_rank(router, tmp_path):
     flags = BASE + CASES[router]
-    run(flags + ["--train-iters", "1", "--save", str(tmp_path / "ckpt")])
-    run(flags + ["--train-iters", "4", "--finetune", "--load", str(tmp_path / "ckpt"),
+    run_gpt(flags + ["--train-iters", "1", "--save", str(tmp_path / "ckpt")])
+    run_gpt(flags + ["--train-iters", "4", "--finetune", "--load", str(tmp_path / "ckpt"),
                  "--tensorboard-dir", str(tmp_path / "tb1")])
-    run(flags + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1",
+    run_gpt(flags + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1",
                  "--train-iters", "4", "--finetune", "--load", str(tmp_path / "ckpt"),
                  "--tensorboard-dir", str(tmp_path / "tb2")], nproc=2)
-    ref, got = tb_losses(tmp_path / "tb1"), tb_losses(tmp_path / "tb2")
+    ref, got = tb_scalars(tmp_path / "tb1", "lm loss"), tb_scalars(tmp_path / "tb2", "lm loss")
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
     assert got == pytest.approx(ref, rel=1e-5)

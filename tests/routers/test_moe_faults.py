@@ -7,7 +7,6 @@ top-1 is accepted for routers without a softmax; routers work with a plain Trans
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import tiny_config
 from selfmoe.metrics import RoutingStats

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from helpers import run_script, tb_scalars
 from selfmoe.training import gpt
 from selfmoe.training.arguments import args_to_config, parse_args
 from selfmoe.training.trainer import pretrain
@@ -61,16 +62,11 @@ def test_deepspeed_tp2_sp_equals_megatron_path(tmp_path):
     """TP=2 + SP on 2 ranks: layernorm (and router) weights see only their rank's sequence shard,
     so their grads must be summed over TP, as finalize_model_grads does; else the ranks' copies
     drift and the losses leave the Megatron path's."""
-    import sys
-
-    sys.path.insert(0, os.path.join(REPO, "tests", "distributed"))
-    from test_training_layouts import run, tb_losses
-
     flags = BASE + ROUTERS["learned"] + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                                          "--train-iters", "4", "--global-batch-size", "2"]
-    run(flags + ["--tensorboard-dir", str(tmp_path / "mc")], nproc=2)
-    run(flags + ["--tensorboard-dir", str(tmp_path / "ds"), "--deepspeed", "--deepspeed-config",
+    run_script("pretrain_gpt.py", flags + ["--tensorboard-dir", str(tmp_path / "mc")], nproc=2)
+    run_script("pretrain_gpt.py", flags + ["--tensorboard-dir", str(tmp_path / "ds"), "--deepspeed", "--deepspeed-config",
                  os.path.join(REPO, "examples", "deepspeed", "zero2.json")], nproc=2)
-    ref, got = tb_losses(tmp_path / "mc"), tb_losses(tmp_path / "ds")
+    ref, got = tb_scalars(tmp_path / "mc", "lm loss"), tb_scalars(tmp_path / "ds", "lm loss")
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
     assert got == pytest.approx(ref, rel=1e-5)

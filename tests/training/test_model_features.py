@@ -4,7 +4,7 @@ a hand count of parameters, the same document run alone, the non-recomputed run.
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import run_script, tb_scalars
 from selfmoe.models import build_gpt_model
 from selfmoe.routers import moe_layers
 from selfmoe.training.arguments import ArgumentError, args_to_config, parse_args
@@ -239,13 +239,11 @@ def test_qwen3_moe_style_launch_trains_at_ep2_as_on_one_process(tmp_path):
     """The same launch through pretrain_gpt.py with self routing, from one 1-rank checkpoint (same
     weights in both layouts): 1 process, and 2 gloo ranks at --expert-model-parallel-size 2
     (alltoall, as the script asks) give the same 10 losses."""
-    from test_deepseek_launch import _run, tb_scalars
-
     argv = QWEN3 + ["--moe-router-type", "self", "--eval-iters", "0"]
-    _run(argv + ["--train-samples", "4", "--lr-decay-samples", "4", "--save", str(tmp_path / "ckpt")], 1)
+    run_script("pretrain_gpt.py", argv + ["--train-samples", "4", "--lr-decay-samples", "4", "--save", str(tmp_path / "ckpt")], 1)
     start = ["--finetune", "--load", str(tmp_path / "ckpt")]
-    _run(argv + start + ["--tensorboard-dir", str(tmp_path / "one")], 1)
-    _run(argv + start + ["--expert-model-parallel-size", "2", "--tensorboard-dir", str(tmp_path / "ep2")], 2)
+    run_script("pretrain_gpt.py", argv + start + ["--tensorboard-dir", str(tmp_path / "one")], 1)
+    run_script("pretrain_gpt.py", argv + start + ["--expert-model-parallel-size", "2", "--tensorboard-dir", str(tmp_path / "ep2")], 2)
     one, ep2 = tb_scalars(tmp_path / "one", "lm loss"), tb_scalars(tmp_path / "ep2", "lm loss")
     assert sorted(one) == sorted(ep2) == list(range(1, 11))
     assert ep2 == pytest.approx(one, rel=1e-5)
