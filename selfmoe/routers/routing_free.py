@@ -28,11 +28,18 @@ from selfmoe.routers.base import router_option
 
 
 def num_moe_layers(config) -> int:
-    """MoE layers of the whole model (all pipeline stages), from Megatron's `moe_layer_freq`."""
+    """MoE layers of the whole model (all pipeline stages): the decoder's, from Megatron's
+    `moe_layer_freq`, plus the multi-token-prediction depths when they are MoE (an MTP layer is
+    built like the decoder's last layer; megatron-core's track_moe_metrics counts them as MoE layers)."""
     freq = getattr(config, "moe_layer_freq", 1)
-    if isinstance(freq, int):
-        return sum(1 for i in range(config.num_layers) if i % freq == 0)
-    return int(sum(freq))
+    pattern = [int(i % freq == 0) for i in range(config.num_layers)] if isinstance(freq, int) else list(freq)
+    return int(sum(pattern)) + (getattr(config, "mtp_num_layers", None) or 0) * int(pattern[-1])
+
+
+def tracker_layers(config) -> int:
+    """Slots of Megatron-Core's aux-loss tracker: decoder layers plus MTP depths, whose layer
+    numbers follow the decoder's (megatron-core's routers size it the same way)."""
+    return config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
 
 
 class _ForwardStats:
@@ -96,7 +103,7 @@ class _BalanceLoss(torch.autograd.Function):
         with torch.no_grad():  # this layer's share of the one loss, for logging
             share = (d * probs).sum()
             save_to_aux_losses_tracker("routing_free_balance_loss", (share * L).reshape(()), r.layer_number,
-                                       r.config.num_layers, reduce_group=r.tp_cp_group)
+                                       tracker_layers(r.config), reduce_group=r.tp_cp_group)
         scale = MoEAuxLossAutoScaler.main_loss_backward_scale
         scale = 1.0 if scale is None else scale.to(grad.device)
         return grad + d * (ctx.coeff.to(d.dtype) * ctx.scale * scale), None, None, None, None, None, None, None

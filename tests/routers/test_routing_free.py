@@ -164,6 +164,60 @@ def test_balance_loss_three_layers_is_not_a_sum_of_per_layer_losses(mp):
     assert abs(value - per_layer_sum) > 1e-3
 
 
+def test_mtp_depth_is_one_more_layer_of_the_one_balance_loss(mp):
+    """A multi-token-prediction depth is built like the decoder's last layer; when that is MoE it
+    is one more MoE layer of the one loss: L = 2 decoder + 1 MTP, its P columns beside the
+    decoder's, token t's fire fraction over all three (as megatron-core counts MTP layers in its
+    aux losses). Gradients of every parameter (lambda = 0.7 minus lambda = 0, same forward) equal
+    the reference loss's through the whole model; before, its layer number (3) overflowed
+    Megatron's 2-slot aux-loss tracker in the first backward."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    from selfmoe.routers.routing_free import num_moe_layers
+
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    cfg = tiny_config("routing-free", mtp_num_layers=1)
+    model = build_gpt_model(cfg)
+    rs = routing_free_routers(model)
+    assert [r.layer_number for r in rs] == [1, 2, 3] and rs[0].chunk.num_layers == num_moe_layers(cfg) == 3
+    ids = torch.randint(0, 64, (2, 16))
+    pos = torch.arange(16)[None].expand(2, 16)
+    captured = []
+    for r in rs:
+        r.register_forward_hook(lambda m, i, o: captured.append(o[0]))
+    model.train()
+    model(ids, pos, None, labels=ids)
+    theta = float(torch.cat(captured, 1).detach().median())  # every expert fires at init: about half now
+    set_theta(model, theta)
+
+    def run(lam):
+        captured.clear()
+        model.zero_grad()
+        moe_utils.clear_aux_losses_tracker()
+        for r in rs:
+            r.balance_coeff.fill_(lam)
+        model(ids, pos, None, labels=ids).mean().backward(retain_graph=True)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    base = run(0.0)
+    P = torch.cat(captured, 1)
+    assert 0.2 < float((P > 0).float().mean()) < 0.8
+    want_value = reference_balance_loss(P, 0.5)
+    names = [n for n in base]
+    want = dict(zip(names, torch.autograd.grad(0.7 * want_value, [dict(model.named_parameters())[n] for n in names],
+                                               allow_unused=True)))
+    got = run(0.7)
+    logged = moe_utils.get_moe_layer_wise_logging_tracker()["routing_free_balance_loss"]["values"]
+    assert logged.shape == (3,) and abs(float(logged.sum()) / 3 - float(want_value.detach())) < 1e-6
+    assert all(float(v) > 0 for v in logged)
+    for n in names:
+        diff = got[n] - base[n]
+        ref = torch.zeros_like(diff) if want[n] is None else want[n]
+        assert (diff - ref).abs().max() < 1e-6, (n, (diff - ref).abs().max())
+    assert (got["mtp.layers.0.transformer_layer.mlp.router.gate_scale"]
+            != base["mtp.layers.0.transformer_layer.mlp.router.gate_scale"]).any()
+
+
 def test_padding_tokens_count_nowhere(mp):
     """Padding (Megatron's padding_mask, True = padding) changes neither loss, gradients nor
     density; the result equals the same batch without the padding tokens."""
