@@ -164,17 +164,21 @@ def tag(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def save(root: str, iteration: int, engine, scheduler, config, consumed_train_samples: int) -> str:
+def save(root: str, iteration: int, engine, scheduler, config, consumed_train_samples: int,
+         args_dict: dict | None = None) -> str:
+    """DeepSpeed's own checkpoint; the client state carries what the Megatron path's common state
+    does (config fingerprint, plain args for the model-shaping flags, data position)."""
     client = {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
               "opt_param_scheduler": scheduler.state_dict(), "rng_state": checkpointing.rng_state(),
               "config": config_fingerprint(config), "world_size": dist.get_world_size(),
-              "expert_model_parallel_size": config.expert_model_parallel_size}
+              "expert_model_parallel_size": config.expert_model_parallel_size, "args": args_dict or {}}
     engine.save_checkpoint(root, tag=tag(iteration), client_state=client)  # writes `latest` last
     return os.path.join(root, tag(iteration))
 
 
-def check_resume_compatible(root: str, config) -> None:
-    """Before the model is built: the checkpoint's model config must match this run's."""
+def check_resume_compatible(root: str, config, args=None) -> None:
+    """Before the model is built: the checkpoint's model config (and, with `args`, the model-shaping
+    flags that are not config fields, e.g. ViT's image geometry and head) must match this run's."""
     latest = os.path.join(root, "latest")
     if not os.path.isfile(latest):
         return
@@ -188,6 +192,8 @@ def check_resume_compatible(root: str, config) -> None:
                 zipfile.ZipFile(os.path.join(path, name)).close()
     with reraise_as("cannot read DeepSpeed checkpoint", states):
         saved = torch.load(states, map_location="cpu", weights_only=False)
+    if args is not None:
+        checkpointing.check_args_compatible(saved.get("args") or {}, args, path)
     checkpointing.check_config_compatible(saved.get("config", {}), config, path)
     ep = saved.get("expert_model_parallel_size", 1)
     if ep != config.expert_model_parallel_size:

@@ -341,7 +341,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         ds.check_config(args)
     if args.load:
         if ds:
-            ds.check_resume_compatible(args.load, config)
+            ds.check_resume_compatible(args.load, config, args=args)
         else:
             if getattr(args, "padded_vocab_size", None) and getattr(args, "tokenizer_type", None):
                 from selfmoe.training.arguments import build_tokenizer_from_args
@@ -411,7 +411,7 @@ def _pretrain(args, config, model_provider, forward_step, datasets_provider, los
         t0 = time.time()
         if ds:
             state.last_checkpoint = ds.save(args.save, state.iteration, model[0], scheduler, config,
-                                            state.consumed_train_samples)
+                                            state.consumed_train_samples, args_dict=_plain_args(args))
         else:
             state.last_checkpoint = checkpointing.save_checkpoint(
                 args.save, state.iteration, model, optimizer, scheduler, config,

@@ -105,18 +105,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
                                         capsys)
 
 
-@pytest.fixture(scope="module")
-def one_step_vit_checkpoint(tmp_path_factory):
-    """(flags, checkpoint folder) of 1 iteration on a 2-class folder of 28x28 grey images."""
+@pytest.fixture(scope="module", params=["megatron", "deepspeed"])
+def one_step_vit_checkpoint(request, tmp_path_factory):
+    """(flags, checkpoint folder) of 1 iteration on a 2-class folder of 28x28 grey images, saved
+    by the Megatron path or by DeepSpeed (each keeps the flags in its own checkpoint format)."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("vit-shape")
+    root = tmp_path_factory.mktemp(f"vit-shape-{request.param}")
     for split in ("train", "val"):
         for c in ("a", "b"):
             os.makedirs(root / "images" / split / c)
             Image.new("L", (28, 28), 40).save(root / "images" / split / c / "0.png")
     flags = TINY + ["--num-classes", "2", "--data-path", str(root / "images"), "--micro-batch-size", "2",
                     "--eval-iters", "0", "--lr-warmup-iters", "0", "--load", str(root / "ck")]
+    if request.param == "deepspeed":
+        flags += ["--deepspeed", "--deepspeed-config", os.path.join(REPO, "examples", "deepspeed", "zero2.json"),
+                  "--global-batch-size", "2"]
     pretrain_vit.main(flags + ["--train-iters", "1", "--save", str(root / "ck")])
     return flags, root / "ck"
 
