@@ -11,7 +11,6 @@ which re-imports this file, and that should not cost a second megatron-core impo
 """
 
 import os
-import sys
 import warnings
 
 # megatron-core warns about missing TransformerEngine/Apex on every CPU import; on a CPU box that
@@ -70,18 +69,14 @@ def main(argv=None):
     except ArgumentError as e:
         fail(str(e))
     from selfmoe.training import gpt
-    from selfmoe.training.errors import InputError
-    from selfmoe.training.trainer import TrainingDiverged, pretrain
+    from selfmoe.training.errors import run_or_exit
+    from selfmoe.training.trainer import pretrain
 
-    try:
+    def train():
         gpt.check_data(args)  # before the model: a bad data file costs no model build
-        pretrain(args, config, gpt.model_provider, gpt.forward_step, gpt.datasets_provider)
-    except InputError as e:  # any file the user gave: checkpoint, DeepSpeed JSON, data
-        fail(str(e))
-    except TrainingDiverged as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        return pretrain(args, config, gpt.model_provider, gpt.forward_step, gpt.datasets_provider)
+
+    return run_or_exit(train)
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer processes re-import __main__

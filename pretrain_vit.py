@@ -10,8 +10,6 @@ The training loop is the one pretrain_gpt.py uses (selfmoe.training.trainer.pret
 wires the vision pieces of selfmoe.training.vit into it.
 """
 
-import os
-import sys
 
 # The entry-script pieces both models share (warning filters, helpers that exit with the trainer);
 # a light import: pretrain_gpt.py imports torch/megatron only inside its main().
@@ -45,21 +43,13 @@ def main(argv=None):
         fail(str(e))
     from selfmoe.data.images import ImageDataError
     from selfmoe.training import vit
-    from selfmoe.training.errors import InputError
-    from selfmoe.training.trainer import TrainingDiverged, pretrain
+    from selfmoe.training.errors import run_or_exit
+    from selfmoe.training.trainer import pretrain
 
-    try:
-        return pretrain(args, config, partial(vit.model_provider, args), partial(vit.forward_step, args),
-                        vit.datasets_provider, loss_name=LOSS_NAME, throughput_unit="images",
-                        eval_metrics=("top-1", "top-5"))
-    except InputError as e:  # any file the user gave: checkpoint, DeepSpeed JSON
-        fail(str(e))
-    except ImageDataError as e:
-        fail(one_line(e))
-    except TrainingDiverged as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    return run_or_exit(lambda: pretrain(args, config, partial(vit.model_provider, args),
+                                        partial(vit.forward_step, args), vit.datasets_provider, loss_name=LOSS_NAME,
+                                        throughput_unit="images", eval_metrics=("top-1", "top-5")),
+                       data_errors=(ImageDataError,), describe=one_line)
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer processes re-import __main__

@@ -9,6 +9,8 @@ as BaseException (torch's dist-checkpoint CheckpointException), hence `one_line`
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 
 class InputError(RuntimeError):
@@ -53,3 +55,22 @@ def _why(e: BaseException) -> str:
     if not text:
         return type(e).__name__  # e.g. EOFError from a truncated file
     return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
+
+
+def run_or_exit(train, data_errors: tuple = (), describe=str):
+    """Run `train()` and return what it returns; what the user can act on ends the process in one
+    line on stderr (rank 0): an InputError, or one of `data_errors` (as `describe(e)` says it),
+    exits 2 like a usage error; a diverged run (the trainer's TrainingDiverged) exits 1."""
+    from selfmoe.training.arguments import fail
+    from selfmoe.training.trainer import TrainingDiverged
+
+    try:
+        return train()
+    except InputError as e:  # any file the user gave: checkpoint, DeepSpeed JSON, data
+        fail(str(e))
+    except data_errors as e:
+        fail(describe(e))
+    except TrainingDiverged as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
