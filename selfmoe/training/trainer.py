@@ -258,12 +258,16 @@ def train_step(forward_step, data_iterator, model, optimizer, scheduler, args, c
 
 @torch.no_grad()
 def evaluate(forward_step, dataset, model, args, loss_name="lm loss", metrics: dict | None = None) -> float:
-    """Mean loss over the first eval_iters global batches of `dataset` (the same batches every time).
+    """Mean loss over the first eval_iters global batches of `dataset` (the same batches every time,
+    each of --global-batch-size samples).
 
     `metrics`, if given, names further keys of the loss function's report (e.g. top-1) and receives
     their means (every pipeline stage takes part in the reductions, so the names come from the caller).
     """
     it = chunk_iterators(model, lambda: micro_batches(dataset, args, 0, wrap=True))
+    # the full --global-batch-size per eval iteration, also during --rampup-batch-size (as
+    # Megatron-LM's evaluate): the same batches at every evaluation, comparable along the curve
+    num_microbatches = args.global_batch_size // (args.micro_batch_size * parallel_state.get_data_parallel_world_size())
     for chunk in model:
         chunk.eval()
     total, count = 0.0, 0.0
@@ -272,13 +276,13 @@ def evaluate(forward_step, dataset, model, args, loss_name="lm loss", metrics: d
     for _ in range(args.eval_iters):
         if deepspeed_engine:
             losses = []
-            for _ in range(get_num_microbatches()):
+            for _ in range(num_microbatches):
                 output, loss_func = forward_step(it, model[0])
                 losses.append(loss_func(output)[2])
         else:
             losses = get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=it, model=model,
-                num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
+                num_microbatches=num_microbatches, seq_length=args.seq_length,
                 micro_batch_size=args.micro_batch_size, decoder_seq_length=args.seq_length, forward_only=True,
             )
         s, n = reduce_losses(losses, loss_name)

@@ -51,6 +51,28 @@ def test_wsd_holds_then_decays_over_the_last_iterations():
     assert lr[6:] == pytest.approx([1.0 - 0.9 * k / 4 for k in (1, 2, 3, 4)])
 
 
+def test_validation_during_rampup_uses_the_full_global_batch(tmp_path):
+    """As Megatron-LM's evaluate: each eval iteration is --global-batch-size samples whatever the
+    ramp-up's current batch, so every evaluation sees the same batches. With lr 0 the weights stay
+    put, so all 7 validation losses (batches 2, 2, 4, 6, 8, 8, 8 in training) equal the one of a run
+    without ramp-up; before, the first ones used the current, smaller batch."""
+    from helpers import tb_scalars
+    from selfmoe.training import gpt
+    from selfmoe.training.arguments import args_to_config
+    from selfmoe.training.trainer import pretrain
+
+    flags = BASE + ["--global-batch-size", "8", "--micro-batch-size", "1", "--lr", "0", "--min-lr", "0",
+                    "--eval-iters", "1", "--eval-interval", "1", "--seq-length", "8", "--seed", "3"]
+    ramp = parse_args(flags + ["--train-samples", "40", "--rampup-batch-size", "2", "2", "12",
+                               "--tensorboard-dir", str(tmp_path / "ramp")])
+    pretrain(ramp, args_to_config(ramp), gpt.model_provider, gpt.forward_step, gpt.datasets_provider)
+    plain = parse_args(flags + ["--train-samples", "8", "--tensorboard-dir", str(tmp_path / "plain")])
+    pretrain(plain, args_to_config(plain), gpt.model_provider, gpt.forward_step, gpt.datasets_provider)
+    got, want = tb_scalars(tmp_path / "ramp", "lm loss validation"), tb_scalars(tmp_path / "plain", "lm loss validation")
+    assert sorted(got) == list(range(1, 8)) and sorted(want) == [1]
+    assert got == pytest.approx({i: want[1] for i in got}, rel=1e-6)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--train-iters", "10", "--train-samples", "40"], "give only one of --train-iters and --train-samples"),
     (["--train-iters", "10", "--lr-warmup-samples", "4"], "--lr-warmup-samples needs --train-samples"),
