@@ -248,6 +248,60 @@ def test_resume_with_optimizer_from_expert_parallel_onto_one_rank_equals_uninter
         assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
 
 
+LEGACY_SAVER = """
+import os, runpy, sys
+sys.path.insert(0, {repo!r})
+from selfmoe.training import checkpointing as c
+_new, _save = c._optimizer_metadata, c.save_checkpoint
+
+
+def legacy(opt, sharding=c.OPTIM_SHARDING):
+    # what this project saved before the optimizer was keyed by parameter: Megatron's default
+    # ChainedOptimizer keys, `chained_<i>.optimizer.state...` with EP>1 (dense 0, expert 1)
+    return {{k: v for k, v in _new(opt, sharding).items() if k != "chained_optim_avoid_prefix"}}
+
+
+def save_checkpoint(*args, **kwargs):  # loading stays as it is
+    c._optimizer_metadata = legacy
+    try:
+        return _save(*args, **kwargs)
+    finally:
+        c._optimizer_metadata = _new
+
+
+c.save_checkpoint = save_checkpoint
+if __name__ == "__main__":
+    sys.argv[0] = os.path.join({repo!r}, "pretrain_gpt.py")
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_resume_from_a_checkpoint_with_chained_prefixed_optimizer_keys_equals_uninterrupted_run(
+        reference_and_checkpoint_4, tmp_path):
+    """Checkpoints written at EP>1 before the optimizer state was keyed by parameter hold it under
+    `chained_<i>.` keys; loaded by mapping those keys, they resume like any other (here onto 1 rank)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    reference, ckpt = reference_and_checkpoint_4
+    saver = tmp_path / "legacy_pretrain_gpt.py"
+    saver.write_text(LEGACY_SAVER.format(repo=REPO))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(saver), *RESUME_FLAGS, *EP2, "--load", str(ckpt), "--save", str(tmp_path / "ck"),
+                        "--exit-interval", "6", "--save-interval", "2"], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    keys = FileSystemReader(str(tmp_path / "ck" / "iter_0000006")).read_metadata().state_dict_metadata
+    assert any(k.startswith("chained_1.optimizer.state.exp_avg.") for k in keys)
+    assert not any(k.startswith("optimizer.state.") for k in keys)
+    rc, out, err = train(RESUME_FLAGS + ["--load", str(tmp_path / "ck"), "--tensorboard-dir", str(tmp_path / "tb")])
+    assert rc == 0, err[-3000:]
+    assert "iteration 6, 24 samples consumed" in out
+    losses = tb_losses(tmp_path / "tb")
+    assert sorted(losses) == [7, 8]
+    for i in losses:
+        assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
+
+
 # The distributed optimizer: its default dp_reshardable state holds buffer slices (another DP size
 # only); --dist-ckpt-optim-fully-reshardable saves it by parameter, and then any layout resumes.
 DIST_OPT = ["--use-distributed-optimizer"]
