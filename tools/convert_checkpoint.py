@@ -211,8 +211,15 @@ def add_router_flags(p):
     p.add_argument("--seed", type=int, default=1234, help="router initialisation")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one `error:` line (no usage block), exit code 2 like every user error."""
+
+    def error(self, message):
+        fail(message)
+
+
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def cmd(name, fn, help):
