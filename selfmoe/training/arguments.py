@@ -792,6 +792,11 @@ def _validate_data(args):
         if path is not None and not os.path.exists(path):
             raise ArgumentError(f"{flag}: no such file {path}")
     tok = build_tokenizer_from_args(args)
+    if args.vocab_size is not None and args.tokenizer_type != "NullTokenizer":
+        from selfmoe.training.config_flags import note_ignored
+
+        note_ignored(args, "--vocab-size", f"only NullTokenizer reads it; --tokenizer-type {args.tokenizer_type} "
+                                           f"has {tok.vocab_size} ids")
     args.padded_vocab_size = padded_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by,
                                                args.tensor_model_parallel_size)
     if args.num_experts and args.moe_router_type == "hash" and args.padded_vocab_size <= 0:
