@@ -58,3 +58,31 @@ def test_bad_input_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == f"error: --load {tmp_path / 'nope'}: no such checkpoint directory"
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["export-hf", "--load", "x", "--output", "y", "--dtype", "bf16"],
+     "error: argument --dtype: invalid choice: 'bf16' (choose from 'float32', 'bfloat16', 'float16')"),
+    (["export-hf", "--load", "x"], "error: the following arguments are required: --output"),
+    (["expor-hf"], "error: argument cmd: invalid choice: 'expor-hf'"),
+])
+def test_flag_errors_are_one_line_without_usage(capsys, argv, expect):
+    """argparse's own errors, in the subcommands too, follow the one-line contract: no usage block."""
+    with pytest.raises(SystemExit) as e:
+        convert_checkpoint.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(expect), err
+
+
+def test_another_routers_options_are_listed_as_ignored(capsys):
+    """upcycle / swap-router: an option of a router other than --moe-router-type is said to be ignored
+    (it was dropped silently); the chosen router's own options are passed on."""
+    args = convert_checkpoint.parser().parse_args(
+        ["upcycle", "--load", "x", "--save", "y", "--num-experts", "4", "--moe-router-type", "self",
+         "--routing-free-theta", "3", "--self-routing-temperature", "2"])
+    opts = convert_checkpoint._router_options(args)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["ignored: --routing-free-theta (only --moe-router-type routing-free reads it; "
+                   "this is --moe-router-type self)"]
+    assert opts["self_routing_temperature"] == 2.0

@@ -317,3 +317,15 @@ def test_jsonl_text_through_the_runs_tokenizer(ckpts, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --data-path {path}:2") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--load", "x"], "error: the following arguments are required: --output"),
+    (["--load", "x", "--output", "y", "--eval-iters", "two"], "error: argument --eval-iters: invalid int value: 'two'"),
+])
+def test_flag_errors_are_one_line_without_usage(capsys, argv, expect):
+    """argparse's own errors (missing or mistyped flag) follow the one-line contract: no usage block."""
+    with pytest.raises(SystemExit) as e:
+        analyze_routing.main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == expect

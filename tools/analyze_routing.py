@@ -35,8 +35,15 @@ def fail(msg: str):
     sys.exit(2)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one `error:` line (no usage block), exit code 2 like every user error."""
+
+    def error(self, message):
+        fail(message)
+
+
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="a --save directory or one iter_XXXXXXX directory in it")
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     p.add_argument("--output", required=True, help="a new directory for the results")

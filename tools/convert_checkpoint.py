@@ -142,6 +142,12 @@ def cmd_import_hf(args):
 
 
 def _router_options(args) -> dict:
+    for dest in ("self_routing_subspace", "self_routing_temperature", "routing_free_rank", "routing_free_theta",
+                 "routing_free_expert_type"):
+        owner = "self" if dest.startswith("self_") else "routing-free"
+        if getattr(args, dest) is not None and args.moe_router_type != owner:  # said, not silently dropped
+            print(f"ignored: --{dest.replace('_', '-')} (only --moe-router-type {owner} reads it; this is "
+                  f"--moe-router-type {args.moe_router_type})")
     sub = args.self_routing_subspace
     if sub not in (None, "last", "first"):
         try:
@@ -211,8 +217,15 @@ def add_router_flags(p):
     p.add_argument("--seed", type=int, default=1234, help="router initialisation")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one `error:` line (no usage block), exit code 2 like every user error."""
+
+    def error(self, message):
+        fail(message)
+
+
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def cmd(name, fn, help):

@@ -341,7 +341,22 @@ def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None
         validate_args(args, world_size, validate_data)
     except ArgumentError as e:
         fail(str(e))
+    _note_other_routers_flags(args, argv)
     return args
+
+
+def _note_other_routers_flags(args, argv) -> None:
+    """List a router's own flags given on the command line for another router (or the dense model)
+    as ignored: they shape only that router, so the run would otherwise drop them silently."""
+    from selfmoe.training.config_flags import note_ignored
+
+    given = [a.split("=")[0] for a in argv if a.startswith("--")]
+    router = args.moe_router_type if args.num_experts else None
+    for prefix, owner in (("--self-routing-", "self"), ("--routing-free-", "routing-free")):
+        for flag in dict.fromkeys(f for f in given if f.startswith(prefix) and f != "--routing-free-preset"):
+            if router != owner:
+                what = f"--moe-router-type {router}" if router else "the dense model (no --num-experts)"
+                note_ignored(args, flag, f"only --moe-router-type {owner} reads it; this run uses {what}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,6 +792,11 @@ def _validate_data(args):
         if path is not None and not os.path.exists(path):
             raise ArgumentError(f"{flag}: no such file {path}")
     tok = build_tokenizer_from_args(args)
+    if args.vocab_size is not None and args.tokenizer_type != "NullTokenizer":
+        from selfmoe.training.config_flags import note_ignored
+
+        note_ignored(args, "--vocab-size", f"only NullTokenizer reads it; --tokenizer-type {args.tokenizer_type} "
+                                           f"has {tok.vocab_size} ids")
     args.padded_vocab_size = padded_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by,
                                                args.tensor_model_parallel_size)
     if args.num_experts and args.moe_router_type == "hash" and args.padded_vocab_size <= 0:

@@ -66,6 +66,33 @@ def check_data(args) -> None:
         stats = [(st.st_ino, st.st_size, st.st_mtime_ns) if os.path.isfile(f) and (st := os.stat(f)) else None
                  for f in files]
         _check_indexed_dataset(prefix, vocab, *stats)
+        if args.data_path and args.split:
+            _check_split_not_empty(prefix, args.split)
+
+
+def _check_split_not_empty(prefix: str, split: str) -> None:
+    """Every split --split gives a weight holds at least one document of `prefix`, with megatron-core's
+    rounding of the document ranges: an empty one makes GPTDataset count epochs forever (a hang)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    from selfmoe.data.preprocess import megatron_indexed_dataset
+
+    index = megatron_indexed_dataset()._IndexReader(prefix + ".idx", multimodal=False)
+    lengths = index.sequence_lengths.copy()  # a view into the reader's mmap, which closes with the reader
+    del index
+    n = len(lengths)
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for name, span in zip(("training", "validation", "test"), matrix):
+        if span is None:
+            continue
+        beg, end = int(round(span[0] * n)), int(round(span[1] * n))
+        if int(lengths[beg:end].sum()) == 0:
+            raise InputError("empty data split", prefix + ".idx",
+                             f"--split {split!r} leaves the {name} split none of its {n} documents "
+                             f"(give that split weight 0, or more data)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -340,3 +340,36 @@ def test_interleaved_pipeline_flags():
                                                           "--num-layers-per-virtual-pipeline-stage 3")
     assert raw_error(BASE + vls + ["2", "--global-batch-size", "6"], world_size=2).startswith(
         "the interleaved pipeline needs the micro-batches per step (3 = --global-batch-size")
+
+
+@pytest.mark.parametrize("extra, ignored", [
+    (["--num-experts", "4", "--self-routing-subspace", "1,2", "--routing-free-theta", "2"],
+     ["--self-routing-subspace", "--routing-free-theta"]),  # default router: learned
+    (["--num-experts", "4", "--moe-router-type", "self", "--routing-free-rank=8", "--self-routing-subspace", "first"],
+     ["--routing-free-rank"]),
+    (["--num-experts", "4", "--moe-router-type", "routing-free", "--self-routing-temperature", "2",
+      "--routing-free-theta", "2"], ["--self-routing-temperature"]),
+    (["--routing-free-theta", "2", "--self-routing-temperature", "2"],  # dense
+     ["--self-routing-temperature", "--routing-free-theta"]),
+])
+def test_another_routers_flags_are_listed_as_ignored(extra, ignored):
+    """A router's own flag given for another router or the dense model is listed as ignored with a
+    reason (it used to be dropped silently); the flags of the router in use are not listed."""
+    args = parse(extra)
+    listed = [f for f in args.ignored_flags if f.startswith(("--self-routing-", "--routing-free-"))]
+    assert listed == ignored
+    assert all("only --moe-router-type" in args.ignored_reasons[f] for f in listed)
+
+
+def test_vocab_size_with_a_real_tokenizer_is_listed_as_ignored(tmp_path):
+    """--vocab-size sizes only NullTokenizer; with GPT-2's BPE it changed nothing and was not said."""
+    demo = str(tmp_path / "corpus_text_document")  # flag parsing checks only that the files exist
+    for ext in (".bin", ".idx"):
+        open(demo + ext, "wb").close()
+    argv = [a for a in BASE if a not in ("--mock-data",)]
+    argv = argv[:argv.index("--tokenizer-type")] + ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-size", "1000",
+                                                     "--data-path", demo, "--split", "98,2,0"]
+    args = parse_args(argv, world_size=1)
+    assert args.padded_vocab_size == 50304  # GPT-2's 50,257 ids padded to 128: --vocab-size had no effect
+    assert "--vocab-size" in args.ignored_flags and "GPT2BPETokenizer has 50257 ids" in args.ignored_reasons["--vocab-size"]
+    assert "--vocab-size" not in parse([]).ignored_flags  # NullTokenizer reads it

@@ -458,3 +458,23 @@ def test_no_helper_process_survives_kill9_of_the_trainer(tmp_path):
         p.stdout.close()
         if p.poll() is None:
             p.kill()
+
+
+@pytest.mark.parametrize("split, empty", [("969,30,1", "validation"), ("10,0,1", "test"), ("1,1,0", None)])
+def test_a_split_left_without_documents_is_one_line_before_building(tmp_path, capsys, monkeypatch, split, empty):
+    """Two documents under Megatron's default --split 969,30,1 leave the validation split none
+    (round(0.969 * 2) = 2): megatron-core's GPTDataset then counts epochs of 0 tokens forever.
+    The check names the file and the split before any model exists; a split with weight 0 is fine."""
+    from selfmoe.training.arguments import parse_args
+    from selfmoe.training.errors import InputError
+
+    write_tokens(tmp_path / "two", [[1, 2, 3], [4, 5, 6, 7]])
+    args = parse_args(TINY + ["--train-iters", "2", "--data-path", str(tmp_path / "two"), "--split", split],
+                      world_size=1)
+    if empty is None:
+        gpt.check_data(args)  # one document each for training and validation
+        return
+    with pytest.raises(InputError) as e:
+        gpt.check_data(args)
+    assert str(e.value) == (f"empty data split: {tmp_path / 'two'}.idx: --split '{args.split}' leaves the {empty} "
+                            f"split none of its 2 documents (give that split weight 0, or more data)")
