@@ -225,7 +225,12 @@ def make_study(script: str, base_flags: list, routers: list, seeds: list, output
 
 
 def check_identity(study: Study):
+    """A study folder is new, empty, or this study's own (its study.json matches): the runs and the
+    report are written into it, and nothing else of the user's may be mixed with them."""
     path = os.path.join(study.output, "study.json")
+    if not os.path.isfile(path) and os.path.isdir(study.output) and os.listdir(study.output):
+        raise StudyError(f"--output {study.output} is a folder that holds no study (no study.json) and is not "
+                         f"empty; use a new or empty folder")
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)

@@ -240,6 +240,16 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "s")  # nothing written
 
 
+def test_a_folder_of_something_else_is_refused(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    with pytest.raises(studies.StudyError, match="holds no study .* not empty"):
+        studies.make_study(SCRIPT, BASE, ROUTERS, SEEDS, str(tmp_path / "mine"), train_iters=ITERS)
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert studies.make_study(SCRIPT, BASE, ROUTERS, SEEDS, str(tmp_path / "empty"), train_iters=ITERS)
+
+
 def test_other_settings_in_the_same_folder_are_refused(study, capsys):
     s, _, _ = study
     with pytest.raises(studies.StudyError, match="holds a study with another train_iters"):

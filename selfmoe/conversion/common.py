@@ -137,7 +137,7 @@ def load_model(path: str, iteration: int | None = None, flag: str = "--load", bu
 
 def check_new_output(path: str, flag: str) -> None:
     if os.path.lexists(path):
-        raise ConversionError(f"{flag} {path}: already exists (conversion never overwrites; choose a new path)")
+        raise ConversionError(f"{flag} {path}: already exists (outputs are never overwritten; choose a new path)")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ConversionError(f"{flag} {path}: parent directory {parent} does not exist")
