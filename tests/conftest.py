@@ -11,6 +11,7 @@ import selfmoe  # noqa: F401  (applies the CPU compatibility layer before megatr
 from megatron.core import tensor_parallel
 
 from selfmoe.training.distributed import destroy_model_parallel, initialize_model_parallel
+from selfmoe.training.trainer import reset_loss_trackers
 
 
 def free_port() -> int:
@@ -32,6 +33,7 @@ def mp():
     ensure_world1()
     destroy_model_parallel()
     initialize_model_parallel(1, 1)
+    reset_loss_trackers()  # sized by the last test's model: another shape would index past them
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
     yield

@@ -192,6 +192,18 @@ def grads_finite(model) -> bool:
     return not all_ranks_agree(bad)
 
 
+def reset_loss_trackers() -> None:
+    """Empty megatron-core's process-global loss trackers (MoE aux losses, MTP losses).
+
+    Each entry is sized by the first model that writes it (layers, MTP depths) and megatron-core
+    only zeroes it after logging, so a second model in the same process with more layers or depths
+    would index past its end (a test session, or `pretrain` called twice from Python)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    MTPLossLoggingHelper.tracker.clear()
+
+
 def moe_aux_losses(config) -> dict:
     """Megatron-Core's MoE aux-loss tracker, averaged over MoE layers and micro-batches, then cleared."""
     if not config.num_moe_experts:
@@ -312,6 +324,7 @@ def pretrain(args, config, model_provider, forward_step, datasets_provider, loss
     again in the same process (tests).
     """
     init_distributed(args, timeout_minutes=args.distributed_timeout_minutes)
+    reset_loss_trackers()
     try:
         return _pretrain(args, config, model_provider, forward_step, datasets_provider, loss_name, throughput_unit,
                          eval_metrics)

@@ -214,3 +214,17 @@ def test_logged_aux_loss_is_the_mean_over_moe_layers_not_all_layers(mp):
         assert moe_aux_losses(cfg)["load_balancing_loss"] == pytest.approx(0.3)
     finally:
         destroy_num_microbatches_calculator()
+
+
+def test_a_second_run_in_the_process_with_more_mtp_depths_trains(tmp_path):
+    """megatron-core's MoE and MTP loss trackers are process-global and sized by the first model
+    that writes them; `pretrain` empties them, so a second run with 2 MTP depths after one with 1
+    (tests, notebooks) trains and logs both depths instead of indexing past the old entries."""
+    from helpers import tb_scalars
+
+    base = TINY + MOCK + ROUTERS["routing-free"] + ["--train-iters", "2", "--log-interval", "1", "--eval-iters", "0",
+                                                    "--lr-warmup-iters", "0"]
+    run(base + ["--mtp-num-layers", "1"])
+    run(base + ["--mtp-num-layers", "2", "--tensorboard-dir", str(tmp_path)])
+    for tag in ("mtp_1 loss", "mtp_2 loss", "routing_free_balance_loss"):
+        assert sorted(tb_scalars(tmp_path, tag)) == [1, 2], tag
