@@ -203,11 +203,23 @@ def test_resume_with_optimizer_on_another_layout_equals_uninterrupted_run(layout
         assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
 
 
-def torchrun2(argv):
+def torchrun2(argv, script="pretrain_gpt.py"):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "pretrain_gpt.py", *argv], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+                        script, *argv], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
+
+
+def assert_one_rank_resumes_iteration_6_onto(reference, ckpt, tmp_path):
+    """1 rank resumes `ckpt` (iteration 6) with its optimizer state: losses 7 and 8 equal the
+    uninterrupted run's."""
+    rc, out, err = train(RESUME_FLAGS + ["--load", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb")])
+    assert rc == 0, err[-3000:]
+    assert "iteration 6, 24 samples consumed" in out
+    losses = tb_losses(tmp_path / "tb")
+    assert sorted(losses) == [7, 8]
+    for i in losses:
+        assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
 
 
 EP2 = ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]
@@ -239,13 +251,7 @@ def test_resume_with_optimizer_from_expert_parallel_onto_one_rank_equals_uninter
         reference_and_checkpoint_4, resumed_on_ep2, tmp_path):
     reference, _ = reference_and_checkpoint_4
     _, ckpt = resumed_on_ep2
-    rc, out, err = train(RESUME_FLAGS + ["--load", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb")])
-    assert rc == 0, err[-3000:]
-    assert "iteration 6, 24 samples consumed" in out
-    losses = tb_losses(tmp_path / "tb")
-    assert sorted(losses) == [7, 8]
-    for i in losses:
-        assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
+    assert_one_rank_resumes_iteration_6_onto(reference, ckpt, tmp_path)
 
 
 LEGACY_SAVER = """
@@ -285,21 +291,12 @@ def test_resume_from_a_checkpoint_with_chained_prefixed_optimizer_keys_equals_un
     reference, ckpt = reference_and_checkpoint_4
     saver = tmp_path / "legacy_pretrain_gpt.py"
     saver.write_text(LEGACY_SAVER.format(repo=REPO))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(saver), *RESUME_FLAGS, *EP2, "--load", str(ckpt), "--save", str(tmp_path / "ck"),
-                        "--exit-interval", "6", "--save-interval", "2"], cwd=REPO, env=env(), capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun2(RESUME_FLAGS + EP2 + ["--load", str(ckpt), "--save", str(tmp_path / "ck"), "--exit-interval", "6",
+                                    "--save-interval", "2"], script=str(saver))
     keys = FileSystemReader(str(tmp_path / "ck" / "iter_0000006")).read_metadata().state_dict_metadata
     assert any(k.startswith("chained_1.optimizer.state.exp_avg.") for k in keys)
     assert not any(k.startswith("optimizer.state.") for k in keys)
-    rc, out, err = train(RESUME_FLAGS + ["--load", str(tmp_path / "ck"), "--tensorboard-dir", str(tmp_path / "tb")])
-    assert rc == 0, err[-3000:]
-    assert "iteration 6, 24 samples consumed" in out
-    losses = tb_losses(tmp_path / "tb")
-    assert sorted(losses) == [7, 8]
-    for i in losses:
-        assert losses[i] == pytest.approx(reference[i], rel=1e-5), i
+    assert_one_rank_resumes_iteration_6_onto(reference, tmp_path / "ck", tmp_path)
 
 
 # The distributed optimizer: its default dp_reshardable state holds buffer slices (another DP size
