@@ -72,6 +72,14 @@ def moe_layer_pattern(config) -> list[int]:
     return parse_moe_layer_freq(config.moe_layer_freq, config.num_layers)
 
 
+def num_moe_layers(config) -> int:
+    """MoE layers of the whole model (all pipeline stages): the decoder's, plus the multi-token-
+    prediction depths when they are MoE (an MTP layer is built like the decoder's last layer,
+    `models.gpt.mtp_block_spec`; megatron-core's track_moe_metrics counts them as MoE layers)."""
+    pattern = moe_layer_pattern(config)
+    return sum(pattern) + (getattr(config, "mtp_num_layers", None) or 0) * pattern[-1]
+
+
 def block_spec(config, layer_spec, vp_stage=None, per_layer: bool = False):
     """The layer spec(s) for a model whose MoE MLPs follow config.moe_layer_freq.
 

@@ -27,15 +27,6 @@ from selfmoe import mcore_compat
 from selfmoe.routers.base import router_option
 
 
-def num_moe_layers(config) -> int:
-    """MoE layers of the whole model (all pipeline stages): the decoder's, from Megatron's
-    `moe_layer_freq`, plus the multi-token-prediction depths when they are MoE (an MTP layer is
-    built like the decoder's last layer; megatron-core's track_moe_metrics counts them as MoE layers)."""
-    freq = getattr(config, "moe_layer_freq", 1)
-    pattern = [int(i % freq == 0) for i in range(config.num_layers)] if isinstance(freq, int) else list(freq)
-    return int(sum(pattern)) + (getattr(config, "mtp_num_layers", None) or 0) * int(pattern[-1])
-
-
 def tracker_layers(config) -> int:
     """Slots of Megatron-Core's aux-loss tracker: decoder layers plus MTP depths, whose layer
     numbers follow the decoder's (megatron-core's routers size it the same way)."""
@@ -325,6 +316,7 @@ def prepare_layers(model) -> None:
     """
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+    from selfmoe.models.moe_spec import num_moe_layers
     from selfmoe.routers import moe_layers
 
     chunks = model if isinstance(model, (list, tuple)) else [model]

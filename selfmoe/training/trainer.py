@@ -42,7 +42,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe import moe_utils
 
 from selfmoe.metrics import RoutingStats, parameter_counts
-from selfmoe.routers.routing_free import num_moe_layers
+from selfmoe.models.moe_spec import num_moe_layers
 from selfmoe.training import checkpointing
 from selfmoe.training.arguments import train_valid_test_num_samples
 from selfmoe.training.data import MicroBatchIterator

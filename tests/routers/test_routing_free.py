@@ -173,7 +173,7 @@ def test_mtp_depth_is_one_more_layer_of_the_one_balance_loss(mp):
     Megatron's 2-slot aux-loss tracker in the first backward."""
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
-    from selfmoe.routers.routing_free import num_moe_layers
+    from selfmoe.models.moe_spec import num_moe_layers
 
     MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     cfg = tiny_config("routing-free", mtp_num_layers=1)
