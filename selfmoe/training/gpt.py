@@ -65,24 +65,18 @@ def check_data(args) -> None:
         files = [prefix + ".idx", prefix + ".bin"]
         stats = [(st.st_ino, st.st_size, st.st_mtime_ns) if os.path.isfile(f) and (st := os.stat(f)) else None
                  for f in files]
-        _check_indexed_dataset(prefix, vocab, *stats)
-        if args.data_path and args.split:
-            _check_split_not_empty(prefix, args.split)
+        _check_indexed_dataset(prefix, vocab, args.split if args.data_path else None, *stats)
 
 
-def _check_split_not_empty(prefix: str, split: str) -> None:
-    """Every split --split gives a weight holds at least one document of `prefix`, with megatron-core's
-    rounding of the document ranges: an empty one makes GPTDataset count epochs forever (a hang)."""
+def _check_split_not_empty(prefix: str, split: str, lengths) -> None:
+    """Every split --split gives a weight holds at least one document of `prefix` (document lengths
+    `lengths`), with megatron-core's rounding of the document ranges: an empty one makes GPTDataset
+    count epochs forever (a hang)."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
     )
 
-    from selfmoe.data.preprocess import megatron_indexed_dataset
-
-    index = megatron_indexed_dataset()._IndexReader(prefix + ".idx", multimodal=False)
-    lengths = index.sequence_lengths.copy()  # a view into the reader's mmap, which closes with the reader
-    del index
     n = len(lengths)
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for name, span in zip(("training", "validation", "test"), matrix):
@@ -96,8 +90,9 @@ def _check_split_not_empty(prefix: str, split: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _check_indexed_dataset(prefix: str, vocab_size: int, idx_stat, bin_stat) -> None:
-    """(cached per file state: the id scan reads the whole .bin once)"""
+def _check_indexed_dataset(prefix: str, vocab_size: int, split: str | None, idx_stat, bin_stat) -> None:
+    """(cached per file state: the id scan reads the whole .bin once); `split`: Megatron's --split
+    over this prefix's documents, or None (a per-split --*-data-path)"""
     import numpy as np
 
     from selfmoe.data.preprocess import megatron_indexed_dataset
@@ -114,14 +109,15 @@ def _check_indexed_dataset(prefix: str, vocab_size: int, idx_stat, bin_stat) -> 
     have = os.path.getsize(prefix + ".bin")
     if have < need:
         raise InputError("truncated data file", prefix + ".bin", f"{have} bytes, its .idx needs {need}")
-    if np.iinfo(index.dtype).max < vocab_size:
-        return  # no id of this dtype can reach the vocabulary size
-    tokens = np.memmap(prefix + ".bin", dtype=index.dtype, mode="r", shape=(need // index.dtype_size,))
-    largest = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
-    del tokens
-    if largest >= vocab_size:
-        raise InputError("token ids out of range", prefix + ".bin",
-                         f"largest id {largest}, but the tokenizer's vocabulary size is {vocab_size}")
+    if np.iinfo(index.dtype).max >= vocab_size:  # else no id of this dtype can reach the vocabulary size
+        tokens = np.memmap(prefix + ".bin", dtype=index.dtype, mode="r", shape=(need // index.dtype_size,))
+        largest = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
+        del tokens
+        if largest >= vocab_size:
+            raise InputError("token ids out of range", prefix + ".bin",
+                             f"largest id {largest}, but the tokenizer's vocabulary size is {vocab_size}")
+    if split:
+        _check_split_not_empty(prefix, split, index.sequence_lengths)
 
 
 def datasets_provider(args, num_samples):
