@@ -18,6 +18,15 @@ ROUTER_TYPES = ("learned", "self", "random", "hash", "routing-free")
 # Routers with no score function: Megatron-Core's softmax options do not apply to them.
 NO_SOFTMAX_ROUTERS = ("random", "hash", "routing-free")
 
+
+def router_of_flag(flag: str) -> str | None:
+    """The router type whose own option `flag` is (`--self-routing-*`: self, `--routing-free-*`:
+    routing-free), else None: such a flag does nothing for any other router or the dense model."""
+    for prefix, router in (("--self-routing-", "self"), ("--routing-free-", "routing-free")):
+        if flag.startswith(prefix):
+            return router
+    return None
+
 # `--routing-free-preset NAME`: parser defaults (explicit flags win). "reference" = the authors'
 # 120M recipe (RoutingFreeMoE@9cce561: pretrain.sh, 120M.config.json, init.py; see
 # ../shared/research/routing-free-reference.md). lambda0 = 1e-5 is what its saved buffer carries.

@@ -142,11 +142,14 @@ def cmd_import_hf(args):
 
 
 def _router_options(args) -> dict:
+    from selfmoe.config import router_of_flag
+
     for dest in ("self_routing_subspace", "self_routing_temperature", "routing_free_rank", "routing_free_theta",
                  "routing_free_expert_type"):
-        owner = "self" if dest.startswith("self_") else "routing-free"
+        flag = "--" + dest.replace("_", "-")
+        owner = router_of_flag(flag)
         if getattr(args, dest) is not None and args.moe_router_type != owner:  # said, not silently dropped
-            print(f"ignored: --{dest.replace('_', '-')} (only --moe-router-type {owner} reads it; this is "
+            print(f"ignored: {flag} (only --moe-router-type {owner} reads it; this is "
                   f"--moe-router-type {args.moe_router_type})")
     sub = args.self_routing_subspace
     if sub not in (None, "last", "first"):

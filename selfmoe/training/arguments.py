@@ -348,15 +348,17 @@ def parse_args(argv=None, defaults: dict | None = None, extra_args_provider=None
 def _note_other_routers_flags(args, argv) -> None:
     """List a router's own flags given on the command line for another router (or the dense model)
     as ignored: they shape only that router, so the run would otherwise drop them silently."""
+    from selfmoe.config import ROUTER_TYPES, router_of_flag
     from selfmoe.training.config_flags import note_ignored
 
-    given = [a.split("=")[0] for a in argv if a.startswith("--")]
     router = args.moe_router_type if args.num_experts else None
-    for prefix, owner in (("--self-routing-", "self"), ("--routing-free-", "routing-free")):
-        for flag in dict.fromkeys(f for f in given if f.startswith(prefix) and f != "--routing-free-preset"):
-            if router != owner:
-                what = f"--moe-router-type {router}" if router else "the dense model (no --num-experts)"
-                note_ignored(args, flag, f"only --moe-router-type {owner} reads it; this run uses {what}")
+    given = [f for f in dict.fromkeys(a.split("=")[0] for a in argv if a.startswith("--"))
+             if router_of_flag(f) and f != "--routing-free-preset"]  # the preset sets the router itself
+    for flag in sorted(given, key=lambda f: ROUTER_TYPES.index(router_of_flag(f))):  # grouped by router
+        owner = router_of_flag(flag)
+        if router != owner:
+            what = f"--moe-router-type {router}" if router else "the dense model (no --num-experts)"
+            note_ignored(args, flag, f"only --moe-router-type {owner} reads it; this run uses {what}")
 
 
 # ---------------------------------------------------------------------------------------------
