@@ -38,17 +38,17 @@ def te_importable() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def layer_spec_backend(config) -> tuple[str, str | None]:
+def layer_spec_backend(config, cuda_available: bool | None = None) -> tuple[str, str | None]:
     """("transformer_engine", None) when megatron-core's TransformerEngine layer spec is used, else
-    ("local", why): TE is used when it is importable, CUDA is present and --transformer-impl is not
-    local (Megatron-LM's default impl is transformer_engine)."""
+    ("local", why): TE is used when it is importable, CUDA is present (`cuda_available`, default:
+    torch's answer) and --transformer-impl is not local (Megatron-LM's default impl is transformer_engine)."""
     import torch
 
     if getattr(config, "transformer_impl", "transformer_engine") == "local":
         return "local", "--transformer-impl local"
     if not te_importable():
         return "local", "TransformerEngine is not installed"
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() if cuda_available is None else cuda_available):
         return "local", "no CUDA device (TransformerEngine's modules need one)"
     return "transformer_engine", None
 

@@ -290,18 +290,8 @@ def te_spec_reason(args, cuda_available: bool | None = None) -> str | None:
 
     if getattr(args, "local_spec_reason", None):  # a model family that builds the local spec only (ViT)
         return args.local_spec_reason
-    if cuda_available is None:
-        backend = gpt.layer_spec_backend(argparse.Namespace(transformer_impl=_impl(args)))
-    elif getattr(args, "transformer_impl", None) == "local":
-        backend = ("local", "--transformer-impl local")
-    else:
-        backend = ("local", "no CUDA device") if not cuda_available else (
-            ("transformer_engine", None) if gpt.te_importable() else ("local", "TransformerEngine is not installed"))
-    return backend[1]
-
-
-def _impl(args):
-    return getattr(args, "transformer_impl", None) or "transformer_engine"
+    impl = getattr(args, "transformer_impl", None) or "transformer_engine"  # Megatron-LM's default
+    return gpt.layer_spec_backend(argparse.Namespace(transformer_impl=impl), cuda_available)[1]
 
 
 def resolve_needs(args, cuda_available: bool | None = None) -> None:
