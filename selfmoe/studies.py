@@ -33,6 +33,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from selfmoe.training.checkpointing import write_atomically
+
 ROUTERS = ("dense", "learned", "self", "random", "hash", "routing-free")
 SCRIPTS = ("pretrain_gpt.py", "pretrain_vit.py")
 RECIPES = {"gpt-demo": "pretrain_gpt.py", "vit-demo": "pretrain_vit.py"}  # the scripts' no-flag demos
@@ -245,16 +247,6 @@ def save_identity(study: Study):
     path = os.path.join(study.output, "study.json")
     if not os.path.isfile(path):
         write_atomically(path, json.dumps(study.identity(), indent=1) + "\n")
-
-
-def write_atomically(path: str, text: str):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_iteration(folder: str) -> int | None:

@@ -301,7 +301,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, conf
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        _write_atomically(os.path.join(root, TRACKER_FILE), str(iteration))
+        write_atomically(os.path.join(root, TRACKER_FILE), f"{iteration}\n")
     _barrier()
     # Whatever saving drew from the RNGs, the run goes on from the state that was saved, exactly
     # like a run resumed from this checkpoint.
@@ -328,10 +328,13 @@ def _fsync_tree(root: str):
                 os.close(fd)
 
 
-def _write_atomically(path: str, text: str):
+def write_atomically(path: str, text: str) -> None:
+    """`text` into `path` (its folder made if missing) through a synced temporary file and a
+    rename, the folder synced after: a kill at any moment leaves the old file or the new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        f.write(text + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
